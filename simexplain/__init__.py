@@ -1,0 +1,50 @@
+"""simexplain: visual explanations for similarity (embedding) models.
+
+GradCAM-style maps for pairs, triplets and quadruplets of images under any model that
+maps an image to a vector, after Zheng et al., "Visual Similarity Attention".
+
+>>> from simexplain import explain          # the one call most users make
+>>> from simexplain import EmbeddingAttribution   # the captum attribution underneath
+"""
+
+from .api import check_labels, explain
+from .attribution import EmbeddingAttribution, TupleResult
+from .errors import InputError, LayerError, ModelOutputError, SimExplainError
+from .explanation import Explanation
+from .layers import FeatureLayer, find_feature_layer
+from .maps import scale_maps, upsample_maps
+from .weights import (
+    different_class_pair_weights,
+    l2_normalize,
+    pair_weights,
+    quadruplet_weights,
+    same_class_pair_weights,
+    similarity_scores,
+    triplet_weights,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "explain",
+    "check_labels",
+    "Explanation",
+    "EmbeddingAttribution",
+    "TupleResult",
+    "FeatureLayer",
+    "find_feature_layer",
+    "upsample_maps",
+    "scale_maps",
+    "l2_normalize",
+    "same_class_pair_weights",
+    "different_class_pair_weights",
+    "pair_weights",
+    "triplet_weights",
+    "quadruplet_weights",
+    "similarity_scores",
+    "SimExplainError",
+    "InputError",
+    "LayerError",
+    "ModelOutputError",
+    "__version__",
+]

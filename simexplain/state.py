@@ -1,0 +1,37 @@
+"""Leave a model exactly as it was found: train/eval modes, ``requires_grad``, ``.grad``."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+from torch import nn
+
+__all__ = ["preserved_state"]
+
+
+@contextmanager
+def preserved_state(model: nn.Module, eval_mode: bool = False) -> Iterator[None]:
+    """Run a block and restore the model's per-module modes and parameter flags after it.
+
+    With ``eval_mode=True`` the model is put in eval mode for the block. Parameter
+    ``.grad`` tensors are restored by reference, so a block that fills them (it should
+    not) cannot leak gradients into the user's optimiser step. Restoration also happens
+    when the block raises.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    grads = [p.grad for p in params]
+    try:
+        if eval_mode:
+            model.eval()
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+        for p, flag, grad in zip(params, flags, grads):
+            if p.requires_grad != flag:
+                p.requires_grad_(flag)
+            if p.grad is not grad:
+                p.grad = grad
