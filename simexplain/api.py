@@ -27,9 +27,14 @@ def check_labels(labels: Any, batch: int, count: int) -> Tensor:
     positive with the anchor's label, negative with another); four a quadruplet
     (anchor, positive, two negatives). Returns the labels as a ``(B, T)`` tensor.
     """
-    labels = torch.as_tensor(labels)
+    try:
+        labels = torch.as_tensor(labels)
+    except (TypeError, ValueError, RuntimeError):
+        raise InputError(
+            f"labels must be integer class labels, one per image, got {labels!r}"
+        ) from None
     if labels.dim() == 1:
-        labels = labels.unsqueeze(0)
+        labels = labels.unsqueeze(0).expand(batch, -1)
     if labels.dim() != 2 or tuple(labels.shape) != (batch, count):
         raise InputError(
             f"labels has shape {tuple(labels.shape)} but the images are {batch} tuple(s) of "

@@ -208,7 +208,9 @@ class EmbeddingAttribution(LayerAttribution, GradientAttribution):
             raise InputError(f"chunk_size must be a positive number of tuples, got {chunk_size}")
         args = _as_tuple(additional_forward_args)
         # enable_grad: captum's metrics call attribute under no_grad.
-        with preserved_state(self.model, eval_mode=self.eval_mode), torch.enable_grad():
+        with preserved_state(self.model, eval_mode=self.eval_mode), torch.inference_mode(
+            False
+        ), torch.enable_grad():
             layer = self.feature_layer(slots[0])
             parts = []
             for start in range(0, batch, chunk):
@@ -423,7 +425,10 @@ def _check_target(target: Any, num_slots: int, batch: int) -> Optional[Tensor]:
             "pairs need target: a bool tensor (B,) saying whether each pair is same-class "
             "(True) or different-class (False); or pass weight_fn= for another criterion"
         )
-    flags = torch.as_tensor(target).reshape(-1)
+    try:
+        flags = torch.as_tensor(target).reshape(-1)
+    except (TypeError, ValueError, RuntimeError):
+        raise InputError(f"target must hold booleans (same-class or not), got {target!r}") from None
     if flags.dtype != torch.bool:
         if flags.is_floating_point() or not bool(((flags == 0) | (flags == 1)).all()):
             raise InputError(f"target must hold booleans (same-class or not), got {target!r}")

@@ -317,11 +317,10 @@ def _probe(
     layout: Optional[str],
     num_prefix_tokens: Optional[int],
 ) -> FeatureLayer:
-    """One forward + backward on a random image, recording candidate layer outputs."""
+    """One forward + backward on the first images of ``sample``, recording candidate layer outputs."""
     image_hw = (int(sample.shape[-2]), int(sample.shape[-1]))
     generator = torch.Generator().manual_seed(0)
-    probe = torch.randn((2, *sample.shape[1:]), generator=generator)
-    probe = probe.to(device=sample.device, dtype=sample.dtype).requires_grad_()
+    probe = sample[:2].detach().clone().requires_grad_()
     targets = dict(model.named_modules()) if name is None else {name: get_layer(model, name)}
     records: list[_Record] = []
     seen_output: dict[str, Any] = {}
@@ -362,6 +361,11 @@ def _probe(
     try:
         with preserved_state(model, eval_mode=True), torch.enable_grad():
             embeddings = embedding_matrix(model(probe), probe.shape[0])
+            if not torch.isfinite(embeddings).all():
+                raise ModelOutputError(
+                    "the model produced NaN or Inf embeddings for finite inputs; check the "
+                    "model's weights and numerics (e.g. run it in float32)"
+                )
             if name is not None:
                 return _explicit_layer(model, name, records, seen_output, calls, image_hw)
             direction = torch.randn(embeddings.shape[1], generator=generator)
@@ -420,8 +424,27 @@ def _explicit_layer(
             "reshape_transform="
         )
     last = records[-1]
+    if _is_global_pool(last.module):
+        raise LayerError(
+            f"layer {name!r} is a global pooling layer; its 1x1 output for a "
+            f"{image_hw[0]}x{image_hw[1]} "
+            "input, which is not a spatial feature map (a 1x1 map gives a constant "
+            "explanation). Choose an earlier layer, use larger images, or layer=None"
+        )
     call_index = -1 if calls[name] == 1 else last.call_index
     return FeatureLayer(name, last.module, last.layout, last.prefix, call_index)
+
+
+def _is_global_pool(module: nn.Module) -> bool:
+    """A pooling module whose output is 1x1 whatever the input size."""
+    from timm.layers import SelectAdaptivePool2d
+
+    if isinstance(module, SelectAdaptivePool2d):
+        module = module.pool
+    if isinstance(module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
+        size = module.output_size
+        return all(s == 1 for s in ((size, size) if isinstance(size, int) else size))
+    return False
 
 
 def _spatial_size(record: _Record, image_hw: tuple[int, int]) -> tuple[int, ...]:
