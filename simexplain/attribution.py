@@ -32,7 +32,14 @@ from .layers import (
     to_spatial,
 )
 from .state import preserved_state
-from .weights import KINDS, WeightFn, l2_normalize, pair_weights, similarity_scores, weights_for_kind
+from .weights import (
+    KINDS,
+    WeightFn,
+    l2_normalize,
+    pair_weights,
+    similarity_scores,
+    weights_for_kind,
+)
 
 __all__ = ["EmbeddingAttribution", "TupleResult", "tuple_kind"]
 

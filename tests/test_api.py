@@ -1,6 +1,5 @@
 """explain(): inputs in every accepted form, kinds from labels, figures."""
 
-import os
 
 import pytest
 import timm

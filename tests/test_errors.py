@@ -10,6 +10,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 import torchvision
+from model_state import assert_unchanged, snapshot
 from torch import nn
 
 from simexplain import (
@@ -22,55 +23,7 @@ from simexplain import (
     scale_maps,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread (and do not fight other test processes)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-# --------------------------------------------------------------------------- helpers
-
-HOOK_DICTS = (
-    "_forward_hooks",
-    "_forward_hooks_with_kwargs",
-    "_forward_hooks_always_called",
-    "_forward_pre_hooks",
-    "_forward_pre_hooks_with_kwargs",
-    "_backward_hooks",
-    "_backward_pre_hooks",
-)
-
-
-def snapshot(model: nn.Module) -> dict:
-    """Modes, flags, grads (identity and values), hooks, parameter and buffer values."""
-    return {
-        "grad_enabled": torch.is_grad_enabled(),
-        "modes": [(n, m.training) for n, m in model.named_modules()],
-        "hooks": [
-            (n, {h: list(getattr(m, h).items()) for h in HOOK_DICTS if hasattr(m, h)})
-            for n, m in model.named_modules()
-        ],
-        "flags": [(n, p.requires_grad) for n, p in model.named_parameters()],
-        "grads": [(n, p.grad) for n, p in model.named_parameters()],
-        "grad_values": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
-        "values": [t.detach().clone() for t in (*model.parameters(), *model.buffers())],
-    }
-
-
-def assert_unchanged(model: nn.Module, before: dict) -> None:
-    after = snapshot(model)
-    for key in ("grad_enabled", "modes", "hooks", "flags"):
-        assert after[key] == before[key], f"{key} changed"
-    for (name, old), (_, new) in zip(before["grads"], after["grads"]):
-        assert new is old, f"{name}.grad changed"
-    for old, new in zip(before["grad_values"], after["grad_values"]):
-        assert (old is None and new is None) or torch.equal(old, new)
-    for old, new in zip(before["values"], after["values"]):
-        assert torch.equal(old, new), "a parameter or buffer changed"
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @contextmanager

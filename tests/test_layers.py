@@ -5,7 +5,13 @@ import torch
 from torch import nn
 
 from simexplain import EmbeddingAttribution, LayerError
-from simexplain.layers import FeatureLayer, infer_layout, resolve_layer, to_spatial, token_grid
+from simexplain.layers import (
+    FeatureLayer,
+    infer_layout,
+    resolve_layer,
+    to_spatial,
+    token_grid,
+)
 
 
 def test_token_grid_follows_the_image_aspect():
