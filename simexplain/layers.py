@@ -331,7 +331,7 @@ def _probe(
 
     def make_pre_hook(module_name: str):
         def pre_hook(module: nn.Module, inputs: tuple) -> None:
-            versions = [x._version if isinstance(x, Tensor) else None for x in inputs]
+            versions = [_tensor_version(x) for x in inputs]
             input_versions.setdefault(module_name, []).append(versions)
 
         return pre_hook
@@ -395,9 +395,21 @@ def _skip_in_search(
     # (SqueezeNet's classifier ReLU after its last conv) returns its input too, but
     # modified: that post-activation map is the one to explain, so it is kept.
     return any(
-        isinstance(x, Tensor) and x is output and x._version == version
+        isinstance(x, Tensor)
+        and x is output
+        and (version is None or _tensor_version(x) == version)
         for x, version in zip(inputs, input_versions)
     )
+
+
+def _tensor_version(x: Any) -> Optional[int]:
+    """The in-place modification counter of a tensor; ``None`` when not tracked."""
+    if not isinstance(x, Tensor):
+        return None
+    try:
+        return x._version
+    except RuntimeError:  # inference tensors track no version
+        return None
 
 
 def _explicit_layer(
