@@ -50,11 +50,11 @@ def _draw_rows(
     alpha: float,
 ) -> None:
     columns = max(e.images.shape[1] for e, _, _ in rows)
-    axes = figure.subplots(len(rows), columns, squeeze=False)
-    mappable = None
-    for r, (exp, index, row_title) in enumerate(rows):
-        for t in range(columns):
-            ax = axes[r, t]
+    panels = figure.subfigures(len(rows), 1, squeeze=False)[:, 0]
+    for panel, (exp, index, row_title) in zip(panels, rows):
+        axes = panel.subplots(1, columns, squeeze=False)[0]
+        mappable = None
+        for t, ax in enumerate(axes):
             ax.set_axis_off()
             if t >= exp.images.shape[1]:
                 continue
@@ -62,12 +62,10 @@ def _draw_rows(
             mappable = ax.imshow(
                 exp.maps[index, t].detach().cpu().numpy(), cmap=cmap, alpha=alpha, vmin=0, vmax=1
             )
-            title = f"{exp.roles[t]}\ns = {float(exp.scores[index, t]):.3f}"
-            if row_title and t == 0:
-                title = f"{row_title}\n{title}"
-            ax.set_title(title, fontsize=9)
-    if mappable is not None:
-        figure.colorbar(mappable, ax=axes.ravel().tolist(), shrink=0.7, label="attention")
+            ax.set_title(f"{exp.roles[t]}\ns = {float(exp.scores[index, t]):.3g}", fontsize=9)
+        if row_title:
+            panel.suptitle(row_title, fontsize=10, x=0.02, ha="left")
+        panel.colorbar(mappable, ax=list(axes), shrink=0.8, label="attention")
 
 
 def plot_explanation(
