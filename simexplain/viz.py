@@ -7,13 +7,14 @@ Works in scripts, notebooks and on headless servers: every function returns a
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 import torch
 from matplotlib.figure import Figure
 from torch import Tensor
+
+from .files import atomic_write
 
 if TYPE_CHECKING:
     from .explanation import Explanation
@@ -108,15 +109,6 @@ def save_figure(figure: Figure, path: "str | os.PathLike[str]", dpi: int = 150) 
     The format follows the file's extension (``.png``, ``.pdf``, ``.svg``, ...).
     """
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    suffix = os.path.splitext(path)[1] or ".png"
-    fd, tmp = tempfile.mkstemp(prefix=".simexplain-", suffix=suffix, dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            figure.savefig(handle, dpi=dpi, format=suffix.lstrip(".").lower())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    file_format = (os.path.splitext(path)[1] or ".png").lstrip(".").lower()
+    atomic_write(path, lambda handle: figure.savefig(handle, dpi=dpi, format=file_format))
     return path

@@ -1,0 +1,698 @@
+#!/usr/bin/env python
+"""Cost of explaining triplets: simexplain vs a plain forward, pytorch-grad-cam and captum.
+
+For each model and batch size (triplets per call; each call sees 3B images) this measures
+
+  (a) ``forward``    a forward pass under ``torch.no_grad()`` over the same 3B images (the floor);
+  (b) ``simexplain`` ``EmbeddingAttribution(model, layer).attribute((anchor, positive, negative))``;
+  (c) ``gradcam``    pytorch-grad-cam ``GradCAM`` on the same layer, one target per image,
+                     ``s_i = w . normalize(f_i)`` with ``w`` the triplet's weight vector;
+  (d) ``captum``     captum ``LayerGradCam`` on the same layer, with a forward function that
+                     returns ``s_i`` for every image (``relu_attributions=True``).
+
+``w`` is computed from the triplet's embeddings once, outside every timed region; the
+layer is the one simexplain finds (``layer4`` for ResNet-50, ``stages`` for ConvNeXt-T,
+``blocks.11.norm1`` for ViT-S/16). pytorch-grad-cam gets a ``reshape_transform`` that drops
+the ViT's prefix (class) token and restores the 14x14 grid. captum has no such hook: for the
+ViT its map is computed over the ``(N, L, C)`` token layout, which costs the same gradient
+work but is not a meaningful map (cost comparison only). Before timing, each model is checked
+once: simexplain's raw maps against captum's (conv nets), and simexplain's maps upsampled and
+min-max scaled like pytorch-grad-cam against its output.
+
+How it is measured:
+
+* Time (CPU): wall clock (``time.perf_counter``) of one call, in one process per run. Every
+  variant is called once as a warm-up, then ``repeats`` repetitions each call every variant
+  once, in an order rotated per repetition (interleaved, so drift and background load hit
+  all variants alike); the table gives medians. pytorch-grad-cam is used as documented, in
+  a ``with GradCAM(...) as cam:`` block per call (its hooks would otherwise stay on the layer
+  and keep the last graph alive); the parameter ``.grad`` tensors it fills are dropped
+  after each call, outside the timed region.
+* Memory (CPU): peak RSS above the process baseline, in a fresh subprocess per variant and
+  configuration. The subprocess builds the model and inputs and resolves the layer, then
+  resets the kernel's RSS high-water mark (``/proc/self/clear_refs``), reads the baseline
+  with ``resource.getrusage(RUSAGE_SELF).ru_maxrss``, and runs ``--mem-calls`` calls (default
+  2). The warm-up call is INCLUDED: the figure is the peak over the first call and the
+  following ones, from the state right after setup. glibc is told to serve every allocation
+  over 128 KiB with mmap (``MALLOC_MMAP_THRESHOLD_``), so freed tensors go back to the OS and
+  RSS follows live memory. The worker is forked by a small ``/bin/sh`` rather than exec'd
+  from the benchmark process, because Linux carries a process's largest RSS across exec
+  into ``ru_maxrss``. Where the high-water mark cannot be reset, the baseline is the
+  ``ru_maxrss`` after setup (the table says so).
+* CUDA (only when available; skipped otherwise): CUDA events around each call, and
+  ``torch.cuda.max_memory_allocated()`` above ``memory_allocated()`` before the call, in the
+  timing process (the caching allocator's statistics are exact per process).
+
+Targets, printed and written to the table (never asserted): time b/a <= 1.15, memory b/a <= 1.2,
+time c/b >= 2.
+
+Usage::
+
+    python benchmarks/bench_explain.py --quick      # ResNet-50, batches 1 and 8, 2 repeats
+    python benchmarks/bench_explain.py              # all three models, batches 1, 8 and 32
+    python benchmarks/bench_explain.py --models vit_small --batches 8 --repeats 5
+
+``--quick`` writes ``benchmarks/results/bench_explain_quick.md``; other runs write
+``benchmarks/results/bench_explain.md`` (``--out`` overrides; written atomically).
+
+Runtime on 2 shared CPU cores (torch 2.14.1): ``--quick`` about 3 minutes; the full default
+run about 35-45 minutes (a quiet machine is faster), most of it in pytorch-grad-cam and the
+batch-32 configurations (96 images per call).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime as _dt
+import gc
+import json
+import math
+import os
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ROOT = Path(__file__).resolve().parents[1]
+try:
+    import simexplain  # noqa: F401
+except ImportError:  # running from a checkout without installing it
+    sys.path.insert(0, str(ROOT))
+
+from simexplain import EmbeddingAttribution  # noqa: E402
+from simexplain.files import atomic_write  # noqa: E402
+from simexplain.layers import FeatureLayer, to_spatial  # noqa: E402
+from simexplain.weights import l2_normalize, triplet_weights  # noqa: E402
+
+MODELS = {
+    "resnet50": "torchvision resnet50, fc=Identity (2048-d)",
+    "convnext_tiny": "timm convnext_tiny, num_classes=0 (768-d)",
+    "vit_small": "timm vit_small_patch16_224, num_classes=0 (384-d)",
+}
+VARIANTS = ("forward", "simexplain", "gradcam", "captum")
+LABELS = {
+    "forward": "(a) no-grad forward",
+    "simexplain": "(b) simexplain",
+    "gradcam": "(c) pytorch-grad-cam",
+    "captum": "(d) captum LayerGradCam",
+}
+TARGETS = {"time_b_a": 1.15, "mem_b_a": 1.2, "time_c_b": 2.0}
+MIB = 1024.0 * 1024.0
+
+
+# ------------------------------------------------------------------------------------ setup
+
+
+def build_model(name: str, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    if name == "resnet50":
+        import torchvision
+
+        model = torchvision.models.resnet50(weights=None)
+        model.fc = nn.Identity()
+    elif name == "convnext_tiny":
+        import timm
+
+        model = timm.create_model("convnext_tiny", pretrained=False, num_classes=0)
+    elif name == "vit_small":
+        import timm
+
+        model = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0)
+    else:
+        raise SystemExit(f"unknown model {name!r}; choose from {sorted(MODELS)}")
+    return model.eval()
+
+
+class SimilarityTarget:
+    """pytorch-grad-cam target for one image: ``s = w . normalize(f)`` with ``w`` fixed."""
+
+    def __init__(self, weight: Tensor):
+        self.weight = weight
+
+    def __call__(self, output: Tensor) -> Tensor:
+        return (self.weight * l2_normalize(output)).sum()
+
+
+class Setup:
+    """Model, inputs, layer and the four callables for one (model, batch) configuration."""
+
+    def __init__(self, model: nn.Module, batch: int, size: int, seed: int, device: torch.device):
+        self.model = model
+        self.device = device
+        gen = torch.Generator().manual_seed(seed + batch)
+        self.slots = tuple(
+            torch.randn(batch, 3, size, size, generator=gen).to(device) for _ in range(3)
+        )
+        self.images = torch.cat(self.slots)  # slot-major: image j belongs to tuple j % batch
+        self.attr = EmbeddingAttribution(model)
+        self.layer: FeatureLayer = self.attr.feature_layer(self.slots[0])
+        self.image_hw = (size, size)
+        self._w_images: Optional[Tensor] = None
+        self.reshape = None
+        if self.layer.layout != "NCHW":
+            layer, hw = self.layer, self.image_hw
+            self.reshape = lambda t: to_spatial(t, layer, hw)
+
+    @property
+    def w_images(self) -> Tensor:
+        """``w`` of each image's triplet, ``(3B, d)``; computed once, outside timed regions."""
+        if self._w_images is None:
+            batch = self.slots[0].shape[0]
+            with torch.no_grad():
+                f = l2_normalize(self.model(self.images)).reshape(3, batch, -1)
+            w = triplet_weights(f[0], f[1], f[2])  # (B, d)
+            self._w_images = w.repeat(3, 1).contiguous()  # image j belongs to tuple j % B
+        return self._w_images
+
+    # the four variants --------------------------------------------------------------
+    def runner(self, variant: str) -> Callable[[], Any]:
+        model, images, slots, layer = self.model, self.images, self.slots, self.layer
+        if variant == "forward":
+
+            def run():
+                with torch.no_grad():
+                    return model(images)
+
+        elif variant == "simexplain":
+            attr = self.attr
+
+            def run():
+                return attr.attribute(slots)
+
+        elif variant == "gradcam":
+            from pytorch_grad_cam import GradCAM
+
+            targets = [SimilarityTarget(w) for w in self.w_images]
+            reshape = self.reshape
+
+            def run():
+                with GradCAM(
+                    model=model, target_layers=[layer.module], reshape_transform=reshape
+                ) as cam:
+                    return cam(input_tensor=images, targets=targets)
+
+        elif variant == "captum":
+            from captum.attr import LayerGradCam
+
+            w_images = self.w_images
+
+            def scores(x):
+                return (w_images * l2_normalize(model(x))).sum(dim=-1)
+
+            gradcam = LayerGradCam(scores, layer.module)
+
+            def run():
+                return gradcam.attribute(images, relu_attributions=True)
+
+        else:
+            raise ValueError(variant)
+        return run
+
+    def cleanup(self) -> None:
+        """Drop what a variant leaves on the model (pytorch-grad-cam fills ``.grad``)."""
+        for p in self.model.parameters():
+            p.grad = None
+
+
+# ------------------------------------------------------------------------ equivalence check
+
+
+def check_equivalence(setup: Setup) -> dict:
+    """Compare the maps of (b) with (c) and (d) once (not timed)."""
+    out: dict[str, Any] = {}
+    result = setup.attr.attribute_tuples(setup.slots)
+    t, b = result.maps.shape[1], result.maps.shape[0]
+    raw = result.maps.transpose(0, 1).reshape(t * b, *result.maps.shape[2:]).float().cpu()
+    scale = float(raw.abs().max().clamp_min(1e-12))
+    out["zero_maps"] = int((raw.flatten(1).amax(1) <= 0).sum())
+    if setup.layer.layout == "NCHW":
+        cap = setup.runner("captum")().detach().squeeze(1).float().cpu()
+        out["captum_max_rel_diff"] = float((cap - raw).abs().max()) / scale
+    else:
+        out["captum_max_rel_diff"] = None  # captum has no reshape_transform: token layout
+    cam = torch.from_numpy(setup.runner("gradcam")()).float()
+    setup.cleanup()
+
+    def minmax(x):
+        flat = x.flatten(1)
+        flat = flat - flat.amin(1, keepdim=True)
+        return (flat / (1e-7 + flat.amax(1, keepdim=True))).reshape(x.shape)
+
+    ours = minmax(F.relu(raw)).unsqueeze(1)
+    ours = F.interpolate(ours, size=setup.image_hw, mode="bilinear", align_corners=False)
+    ours = minmax(ours.squeeze(1).clamp_min(0))
+    out["gradcam_max_abs_diff"] = float((cam - ours).abs().max())
+    return out
+
+
+# --------------------------------------------------------------------------------- timing
+
+
+def time_call(run: Callable[[], Any], device: torch.device) -> float:
+    if device.type == "cuda":
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        out = run()
+        stop.record()
+        torch.cuda.synchronize()
+        seconds = start.elapsed_time(stop) / 1000.0
+    else:
+        t0 = time.perf_counter()
+        out = run()
+        seconds = time.perf_counter() - t0
+    del out
+    return seconds
+
+
+def cuda_peak(run: Callable[[], Any], cleanup: Callable[[], None]) -> float:
+    """Peak device memory above the allocation before the call, MiB."""
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = run()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    del out
+    cleanup()
+    return peak / MIB
+
+
+# --------------------------------------------------------------------- memory (subprocess)
+
+
+def _status_kib(field: str) -> Optional[int]:
+    try:
+        text = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    m = re.search(rf"^{field}:\s+(\d+)\s+kB", text, re.M)
+    return int(m.group(1)) if m else None
+
+
+def _maxrss_kib() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+
+
+def _reset_high_water_mark() -> bool:
+    """Reset the RSS high-water mark (Linux >= 4.0); True when ru_maxrss followed."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    rss = _status_kib("VmRSS")
+    return rss is not None and _maxrss_kib() <= rss * 1.02 + 1024
+
+
+def memory_worker(spec: dict) -> dict:
+    """Runs in a fresh process: peak RSS of ``spec['variant']`` above the baseline."""
+    torch.set_num_threads(spec["threads"])
+    model = build_model(spec["model"], spec["seed"])
+    setup = Setup(model, spec["batch"], spec["size"], spec["seed"], torch.device("cpu"))
+    run = setup.runner(spec["variant"])
+    gc.collect()
+    reset = _reset_high_water_mark()
+    base = _maxrss_kib()
+    base_rss = _status_kib("VmRSS")
+    for _ in range(spec["calls"]):  # the first (warm-up) call is included
+        out = run()
+        del out
+        setup.cleanup()
+    peak = _maxrss_kib()
+    return {
+        "peak_mib": (peak - base) / 1024.0,
+        "baseline_mib": base / 1024.0,
+        "baseline_rss_mib": None if base_rss is None else base_rss / 1024.0,
+        "hwm_reset": reset,
+    }
+
+
+def measure_memory(spec: dict, timeout: float) -> dict:
+    env = dict(os.environ)
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
+    env.setdefault("MALLOC_TRIM_THRESHOLD_", "131072")
+    env["OMP_NUM_THREADS"] = str(spec["threads"])
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+    if os.path.exists("/bin/sh"):
+        # Linux keeps the largest RSS a process had across exec, so a child exec'd straight
+        # from this (large) process would start with our ru_maxrss. A small shell that forks
+        # the worker (it cannot exec it: a command follows) gives it a fresh count.
+        cmd = ["/bin/sh", "-c", '"$@"; exit $?', "sh", *cmd]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT ") :])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    return {"error": f"worker exited {proc.returncode}: {' | '.join(tail)}"}
+
+
+def mem_available_mib() -> Optional[float]:
+    try:
+        text = Path("/proc/meminfo").read_text()
+    except OSError:
+        return None
+    m = re.search(r"^MemAvailable:\s+(\d+)\s+kB", text, re.M)
+    return int(m.group(1)) / 1024.0 if m else None
+
+
+# ----------------------------------------------------------------------------------- run
+
+
+def default_repeats(batch: int) -> int:
+    return max(3, min(9, math.ceil(48 / batch)))
+
+
+def median(xs: list) -> Optional[float]:
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def ratio(num: Optional[float], den: Optional[float]) -> Optional[float]:
+    if num is None or den is None or den <= 0:
+        return None
+    return num / den
+
+
+def run_config(model_name: str, model: nn.Module, batch: int, args, device, first: bool,
+               mem_per_image: dict) -> dict:
+    row: dict[str, Any] = {"model": model_name, "batch": batch, "images": 3 * batch,
+                           "device": device.type}
+    setup = Setup(model, batch, args.size, args.seed, device)
+    row["layer"] = setup.layer.name
+    if first and args.check:
+        row["check"] = check_equivalence(setup)
+        print(f"  check: {row['check']}", flush=True)
+
+    skipped: dict[str, str] = {}
+    avail = mem_available_mib()
+    # memory, in fresh processes (CPU only), before timing: also guards the big variants
+    mem: dict[str, Optional[float]] = {}
+    mem_info: dict[str, Any] = {}
+    if device.type == "cpu" and args.memory:
+        for v in VARIANTS:
+            est = mem_per_image.get(v)
+            if args.mem_guard and est is not None and avail is not None:
+                need = est * 3 * batch
+                if need > 0.7 * avail:
+                    skipped[v] = f"est. {need / 1024:.1f} GiB > 70% of {avail / 1024:.1f} GiB free"
+                    continue
+            spec = {"model": model_name, "batch": batch, "size": args.size, "seed": args.seed,
+                    "variant": v, "threads": args.threads, "calls": args.mem_calls}
+            res = measure_memory(spec, timeout=args.worker_timeout)
+            mem_info[v] = res
+            if "error" in res:
+                print(f"  memory {v}: {res['error']}", flush=True)
+                mem[v] = None
+            else:
+                mem[v] = res["peak_mib"]
+                mem_per_image[v] = max(mem_per_image.get(v, 0.0), res["peak_mib"] / (3 * batch))
+                print(f"  memory {v:>10}: +{res['peak_mib']:.0f} MiB "
+                      f"(baseline {res['baseline_mib']:.0f} MiB, hwm reset {res['hwm_reset']})",
+                      flush=True)
+    row["mem_mib"] = mem
+    row["mem_info"] = mem_info
+
+    variants = [v for v in VARIANTS if v not in skipped]
+    runners = {v: setup.runner(v) for v in variants}
+    if device.type == "cuda":
+        row["cuda_mem_mib"] = {v: cuda_peak(runners[v], setup.cleanup) for v in variants}
+    repeats = args.repeats or default_repeats(batch)
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for v in variants:  # warm-up, not recorded
+        time_call(runners[v], device)
+        setup.cleanup()
+    for r in range(repeats):
+        order = variants[r % len(variants):] + variants[: r % len(variants)]
+        for v in order:
+            times[v].append(time_call(runners[v], device))
+            setup.cleanup()
+    row["times"] = times
+    row["time_s"] = {v: median(times[v]) for v in variants}
+    row["repeats"] = repeats
+    row["skipped"] = skipped
+    t, m = row["time_s"], row["mem_mib"]
+    row["ratios"] = {
+        "time_b_a": ratio(t.get("simexplain"), t.get("forward")),
+        "time_c_b": ratio(t.get("gradcam"), t.get("simexplain")),
+        "time_d_b": ratio(t.get("captum"), t.get("simexplain")),
+        "mem_b_a": ratio(m.get("simexplain"), m.get("forward")),
+        "mem_c_b": ratio(m.get("gradcam"), m.get("simexplain")),
+        "mem_d_b": ratio(m.get("captum"), m.get("simexplain")),
+    }
+    if device.type == "cuda":
+        cm = row["cuda_mem_mib"]
+        row["ratios"]["cuda_mem_b_a"] = ratio(cm.get("simexplain"), cm.get("forward"))
+    del setup, runners
+    gc.collect()
+    return row
+
+
+def fmt(x: Optional[float], spec: str = ".2f", missing: str = "-") -> str:
+    return missing if x is None else format(x, spec)
+
+
+def mark(value: Optional[float], target: float, upper: bool) -> str:
+    if value is None:
+        return "-"
+    ok = value <= target if upper else value >= target
+    return f"{value:.2f} {'ok' if ok else 'MISS'}"
+
+
+def print_row(row: dict) -> None:
+    r, t, m = row["ratios"], row["time_s"], row["mem_mib"]
+    print(f"{row['model']:>14} {row['device']:>4} B={row['batch']:<3} "
+          + " ".join(f"{v[:4]}={fmt(t.get(v), '.3f')}s" for v in VARIANTS)
+          + f" | b/a {mark(r['time_b_a'], TARGETS['time_b_a'], True)}"
+          + f" c/b {mark(r['time_c_b'], TARGETS['time_c_b'], False)}"
+          + f" d/b {fmt(r['time_d_b'])}"
+          + f" | mem b/a {mark(r['mem_b_a'], TARGETS['mem_b_a'], True)}"
+          + "  (MiB " + " ".join(f"{v[:4]}=+{fmt(m.get(v), '.0f')}" for v in VARIANTS) + ")",
+          flush=True)
+    for v, why in row["skipped"].items():
+        print(f"    skipped {v}: {why}")
+
+
+def write_markdown(path: Path, rows: list[dict], args, meta: dict) -> None:
+    lines = [
+        "# bench_explain: cost of explaining triplets",
+        "",
+        f"Generated by `python benchmarks/bench_explain.py {' '.join(meta['argv'])}` on "
+        f"{meta['date']} ({meta['elapsed_min']:.1f} min).",
+        "",
+        f"- torch {torch.__version__}, {meta['cpu']}, `torch.set_num_threads({args.threads})`, "
+        f"{platform.python_implementation()} {platform.python_version()}; "
+        f"CUDA: {meta['cuda']}",
+        f"- load average at start / end: {meta['load_start']} / {meta['load_end']} "
+        f"({os.cpu_count()} CPUs visible). **{meta['note']}**",
+        f"- random weights, {args.size} px, triplets per call = B (3B images); medians of "
+        "interleaved repetitions after one warm-up call per variant (warm-up not timed).",
+        "- memory: peak RSS above the baseline after setup, fresh process per cell, "
+        f"{args.mem_calls} calls with the warm-up call included; "
+        "`MALLOC_MMAP_THRESHOLD_=131072` so RSS follows live tensors.",
+        f"- targets: time b/a <= {TARGETS['time_b_a']}, memory b/a <= {TARGETS['mem_b_a']}, "
+        f"time c/b >= {TARGETS['time_c_b']}.",
+        "",
+        "Time (seconds per call, median) and ratios:",
+        "",
+        "| model | layer | B | images | (a) forward | (b) simexplain | (c) grad-cam | (d) captum "
+        "| b/a | c/b | d/b | reps |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    cpu_rows = [r for r in rows if r["device"] == "cpu"]
+    cuda_rows = [r for r in rows if r["device"] == "cuda"]
+    for row in cpu_rows:
+        t, r = row["time_s"], row["ratios"]
+        lines.append(
+            f"| {row['model']} | `{row['layer']}` | {row['batch']} | {row['images']} | "
+            + " | ".join(fmt(t.get(v), ".3f", "skipped") for v in VARIANTS)
+            + f" | {mark(r['time_b_a'], TARGETS['time_b_a'], True)}"
+            + f" | {mark(r['time_c_b'], TARGETS['time_c_b'], False)}"
+            + f" | {fmt(r['time_d_b'])} | {row['repeats']} |"
+        )
+    if any(r["mem_mib"] for r in cpu_rows):
+        lines += [
+            "",
+            "Peak RSS above the process baseline (MiB):",
+            "",
+            "| model | B | (a) forward | (b) simexplain | (c) grad-cam | (d) captum "
+            "| b/a | c/b | d/b | hwm reset |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        ]
+        for row in cpu_rows:
+            m, r = row["mem_mib"], row["ratios"]
+            resets = {info.get("hwm_reset") for info in row["mem_info"].values()
+                      if "error" not in info}
+            lines.append(
+                f"| {row['model']} | {row['batch']} | "
+                + " | ".join(fmt(m.get(v), ".0f", "skipped") for v in VARIANTS)
+                + f" | {mark(r['mem_b_a'], TARGETS['mem_b_a'], True)}"
+                + f" | {fmt(r['mem_c_b'])} | {fmt(r['mem_d_b'])}"
+                + f" | {'yes' if resets == {True} else 'no (baseline = ru_maxrss after setup)'} |"
+            )
+    if cuda_rows:
+        lines += [
+            "",
+            "CUDA: time (CUDA events, s, median) and peak `max_memory_allocated` above the "
+            "allocation before the call (MiB):",
+            "",
+            "| model | B | t(a) | t(b) | t(c) | t(d) | b/a | c/b | d/b | mem(a) | mem(b) | mem(c) "
+            "| mem(d) | mem b/a |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for row in cuda_rows:
+            t, r, cm = row["time_s"], row["ratios"], row.get("cuda_mem_mib", {})
+            lines.append(
+                f"| {row['model']} | {row['batch']} | "
+                + " | ".join(fmt(t.get(v), ".4f", "skipped") for v in VARIANTS)
+                + f" | {mark(r['time_b_a'], TARGETS['time_b_a'], True)}"
+                + f" | {mark(r['time_c_b'], TARGETS['time_c_b'], False)} | {fmt(r['time_d_b'])} | "
+                + " | ".join(fmt(cm.get(v), ".0f", "skipped") for v in VARIANTS)
+                + f" | {mark(r.get('cuda_mem_b_a'), TARGETS['mem_b_a'], True)} |"
+            )
+    else:
+        lines += ["", "CUDA: not available on this machine, skipped."]
+    checks = [(r["model"], r["check"]) for r in rows if "check" in r]
+    if checks:
+        lines += ["", "Equivalence check (batch of the first configuration, not timed):", ""]
+        for model_name, c in checks:
+            cap = c["captum_max_rel_diff"]
+            cap_text = ("n/a (token layout, captum has no reshape)" if cap is None
+                        else f"{cap:.1e} (max |diff| / max |map|)")
+            lines.append(
+                f"- {model_name}: captum vs simexplain raw maps {cap_text}; pytorch-grad-cam vs "
+                f"simexplain upsampled+scaled {c['gradcam_max_abs_diff']:.1e} (max |diff| on "
+                f"[0, 1]); all-zero maps (random weights): {c['zero_maps']}"
+            )
+    skipped = [(r["model"], r["batch"], v, why) for r in rows for v, why in r["skipped"].items()]
+    if skipped:
+        lines += ["", "Skipped:", ""]
+        lines += [f"- {m} B={b} {v}: {why}" for m, b, v, why in skipped]
+    lines += ["", "Per-repetition times (s):", "", "```"]
+    for row in rows:
+        for v, ts in row["times"].items():
+            lines.append(f"{row['model']:>14} {row['device']:>4} B={row['batch']:<3} {v:>10}: "
+                         + " ".join(f"{x:.3f}" for x in ts))
+    lines += ["```", ""]
+    atomic_write_text(path, "\n".join(lines))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "CPU"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=None, choices=sorted(MODELS))
+    p.add_argument("--batches", nargs="+", type=int, default=None, help="triplets per call")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed repetitions (default: 9 for B=1, 6 for B=8, 3 for B=32)")
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mem-calls", type=int, default=2, help="calls per memory subprocess")
+    p.add_argument("--no-memory", dest="memory", action="store_false")
+    p.add_argument("--no-check", dest="check", action="store_false")
+    p.add_argument("--no-cuda", dest="cuda", action="store_false")
+    p.add_argument("--no-cpu", dest="cpu", action="store_false",
+                   help="with CUDA, skip the CPU measurements")
+    p.add_argument("--no-mem-guard", dest="mem_guard", action="store_false",
+                   help="run variants even when their extrapolated memory exceeds 70%% of free")
+    p.add_argument("--worker-timeout", type=float, default=1800.0)
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: resnet50, batches 1 and 8, 2 repeats")
+    p.add_argument("--note", default="Shared, noisy machine: figures are indicative only.",
+                   help="a line written under the header (e.g. machine load)")
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.models = args.models or ["resnet50"]
+        args.batches = args.batches or [1, 8]
+        args.repeats = args.repeats or 2
+    args.models = args.models or list(MODELS)
+    args.batches = args.batches or [1, 8, 32]
+    if args.out is None:
+        name = "bench_explain_quick.md" if args.quick else "bench_explain.md"
+        args.out = ROOT / "benchmarks" / "results" / name
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker is not None:
+        result = memory_worker(json.loads(args.worker))
+        print("RESULT " + json.dumps(result), flush=True)
+        return 0
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    devices = []
+    if args.cpu:
+        devices.append(torch.device("cpu"))
+    cuda = args.cuda and torch.cuda.is_available()
+    if cuda:
+        devices.append(torch.device("cuda"))
+    meta = {
+        "argv": sys.argv[1:] if argv is None else list(argv),
+        "date": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        "cpu": cpu_name(),
+        "cuda": torch.cuda.get_device_name(0) if cuda else "not available (skipped)",
+        "load_start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "note": args.note,
+    }
+    print(f"torch {torch.__version__}, threads {args.threads}, load {meta['load_start']}, "
+          f"CUDA {meta['cuda']}", flush=True)
+    rows = []
+    for model_name in args.models:
+        for device in devices:
+            model = build_model(model_name, args.seed).to(device)
+            mem_per_image: dict[str, float] = {}
+            for i, batch in enumerate(args.batches):
+                print(f"{model_name} on {device.type}, {batch} triplets per call", flush=True)
+                row = run_config(model_name, model, batch, args, device, first=(i == 0),
+                                 mem_per_image=mem_per_image)
+                print_row(row)
+                rows.append(row)
+                meta["load_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+                meta["elapsed_min"] = (time.perf_counter() - start) / 60
+                write_markdown(args.out, rows, args, meta)  # after every row: partial results
+            del model
+            gc.collect()
+    print(f"wrote {args.out} in {(time.perf_counter() - start) / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
