@@ -13,6 +13,7 @@ from .errors import InputError, LayerError, ModelOutputError, SimExplainError
 from .explanation import Explanation
 from .layers import FeatureLayer, find_feature_layer
 from .maps import scale_maps, upsample_maps
+from .mining import SAMLoss, SAMLossParts, SimilarityMiningLoss, soft_mask
 from .weights import (
     different_class_pair_weights,
     l2_normalize,
@@ -33,6 +34,10 @@ __all__ = [
     "TupleResult",
     "FeatureLayer",
     "find_feature_layer",
+    "SAMLoss",
+    "SAMLossParts",
+    "SimilarityMiningLoss",
+    "soft_mask",
     "upsample_maps",
     "scale_maps",
     "l2_normalize",

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from .attribution import EmbeddingAttribution
 from .errors import InputError
 from .explanation import Explanation
+from .labels import check_labels
 from .layers import LayerSpec
 from .maps import scale_maps, upsample_maps
 from .preprocess import ImageLike, preprocess_images, resolve_preprocessing
@@ -18,47 +19,6 @@ from .weights import WeightFn
 __all__ = ["explain", "check_labels"]
 
 Images = Union[Tensor, Sequence[Union[Tensor, ImageLike]]]
-
-
-def check_labels(labels: Any, batch: int, count: int) -> Tensor:
-    """Validate tuple labels ``(B, T)`` against the roles their positions imply.
-
-    Two labels make a pair (same- or different-class); three a triplet (anchor,
-    positive with the anchor's label, negative with another); four a quadruplet
-    (anchor, positive, two negatives). Returns the labels as a ``(B, T)`` tensor.
-    """
-    try:
-        labels = torch.as_tensor(labels)
-    except (TypeError, ValueError, RuntimeError):
-        raise InputError(
-            f"labels must be integer class labels, one per image, got {labels!r}"
-        ) from None
-    if labels.dim() == 1:
-        labels = labels.unsqueeze(0).expand(batch, -1)
-    if labels.dim() != 2 or tuple(labels.shape) != (batch, count):
-        raise InputError(
-            f"labels has shape {tuple(labels.shape)} but the images are {batch} tuple(s) of "
-            f"{count}; pass labels of shape ({count},) or ({batch}, {count}), one per image"
-        )
-    if count < 3:
-        return labels
-    names = ("anchor", "positive", "negative", "second negative")
-    for row in range(batch):
-        anchor = labels[row, 0].item()
-        where = f" in tuple {row}" if batch > 1 else ""
-        if labels[row, 1].item() != anchor:
-            raise InputError(
-                f"labels[{row}, 1] (the positive{where}) is {labels[row, 1].item()} but the "
-                f"anchor's label is {anchor}; a {'triplet' if count == 3 else 'quadruplet'} "
-                "is (anchor, positive with the anchor's label, negative(s) with other labels)"
-            )
-        for pos in range(2, count):
-            if labels[row, pos].item() == anchor:
-                raise InputError(
-                    f"labels[{row}, {pos}] (the {names[pos]}{where}) equals the anchor's label "
-                    f"{anchor}; negatives must have a label different from the anchor's"
-                )
-    return labels
 
 
 def _as_batch(model: nn.Module, imgs: Images, transform: Any) -> tuple[Tensor, Any]:

@@ -207,7 +207,7 @@ class EmbeddingAttribution(LayerAttribution, GradientAttribution):
         chunk_size: Optional[int] = None,
     ) -> TupleResult:
         """Like :meth:`attribute`, also returning scores, ``w`` and embeddings."""
-        slots = _check_inputs(inputs)
+        slots = check_tuple_inputs(inputs)
         batch = slots[0].shape[0]
         same_class = None if weight_fn is not None else _check_target(target, len(slots), batch)
         chunk = DEFAULT_CHUNK_SIZE if chunk_size is None else int(chunk_size)
@@ -270,17 +270,43 @@ class EmbeddingAttribution(LayerAttribution, GradientAttribution):
         scores = similarity_scores(weights, per_slot)
         grad = self._layer_gradient(scores, activation, detach_weights, create_graph)
         image_hw = (images.shape[-2], images.shape[-1])
-        spatial_act = self._spatial(activation, layer, image_hw)
-        spatial_grad = self._spatial(grad, layer, image_hw)
-        alpha = spatial_grad.mean(dim=(2, 3), keepdim=True)
-        maps = (alpha * spatial_act).sum(dim=1)
-        if relu:
-            maps = torch.relu(maps)
+        maps = self.gradient_weighted_maps(activation, grad, layer, image_hw, relu)
         if not create_graph:
             maps, scores, weights = maps.detach(), scores.detach(), weights.detach()
             normalized = normalized.detach()
         maps = maps.reshape(num_slots, batch, *maps.shape[1:]).transpose(0, 1)
         return maps, scores, weights, normalized.transpose(0, 1)
+
+    def gradient_weighted_maps(
+        self,
+        activation: Tensor,
+        gradient: Tensor,
+        layer: FeatureLayer,
+        image_hw: tuple[int, int],
+        relu: bool = True,
+    ) -> Tensor:
+        """GradCAM's combination: channels of ``activation`` weighted by the spatial mean
+        of ``gradient``, summed; ``(N, h, w)``. Both are the layer's raw output layout."""
+        spatial_act = self._spatial(activation, layer, image_hw)
+        spatial_grad = self._spatial(gradient, layer, image_hw)
+        channel_weights = spatial_grad.mean(dim=(2, 3), keepdim=True)
+        maps = (channel_weights * spatial_act).sum(dim=1)
+        return torch.relu(maps) if relu else maps
+
+    def forward_with_activation(
+        self,
+        images: Tensor,
+        layer: FeatureLayer,
+        additional_forward_args: Any = None,
+        create_graph: bool = False,
+    ) -> tuple[Tensor, Tensor]:
+        """One forward pass returning the layer's output and the embeddings ``(N, d)``.
+
+        With ``create_graph=False`` the trunk before the layer records no graph and the
+        activation is a fresh leaf; with ``True`` (training) it is the layer's real output,
+        so gradients reach every parameter. The model's mode is left as it is.
+        """
+        return self._forward(images, _as_tuple(additional_forward_args), layer, create_graph)
 
     def _forward(
         self, images: Tensor, args: tuple, layer: FeatureLayer, create_graph: bool
@@ -371,7 +397,7 @@ def _as_tuple(args: Any) -> tuple:
     return tuple(args) if isinstance(args, (tuple, list)) else (args,)
 
 
-def _check_inputs(inputs: TensorOrTuple) -> list[Tensor]:
+def check_tuple_inputs(inputs: TensorOrTuple) -> list[Tensor]:
     if isinstance(inputs, Tensor) or not isinstance(inputs, (tuple, list)):
         raise InputError(
             "inputs must be a tuple of 2, 3 or 4 image batches (pair, triplet or "
@@ -458,7 +484,8 @@ def _weights(
         if not isinstance(weights, Tensor) or weights.shape not in ((batch, dim), (dim,)):
             shape = tuple(weights.shape) if isinstance(weights, Tensor) else type(weights).__name__
             raise InputError(
-                f"weight_fn returned {shape}; it must return w of shape ({batch}, {dim}) or ({dim},)"
+                f"weight_fn returned {shape}; it must return w of shape ({batch}, {dim}) "
+                f"or ({dim},)"
             )
         return weights.expand(batch, dim)
     if len(embeddings) == 2:
