@@ -9,10 +9,13 @@ maps an image to a vector, after Zheng et al., "Visual Similarity Attention".
 
 from .api import check_labels, explain
 from .attribution import EmbeddingAttribution, TupleResult
-from .errors import InputError, LayerError, ModelOutputError, SimExplainError
+from .errors import InputError, LayerError, ModelLoadError, ModelOutputError, SimExplainError
 from .explanation import Explanation
 from .layers import FeatureLayer, find_feature_layer
 from .maps import scale_maps, upsample_maps
+from .models import load_model
+from .retrieval import RetrievalExplanation, embed_images, explain_matches, rank_gallery
+from .viz import plot_retrieval
 from .mining import SAMLoss, SAMLossParts, SimilarityMiningLoss, soft_mask
 from .weights import (
     different_class_pair_weights,
@@ -51,5 +54,12 @@ __all__ = [
     "InputError",
     "LayerError",
     "ModelOutputError",
+    "ModelLoadError",
+    "load_model",
+    "embed_images",
+    "rank_gallery",
+    "explain_matches",
+    "RetrievalExplanation",
+    "plot_retrieval",
     "__version__",
 ]

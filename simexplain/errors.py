@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["SimExplainError", "InputError", "LayerError", "ModelOutputError"]
+__all__ = ["SimExplainError", "InputError", "LayerError", "ModelOutputError", "ModelLoadError"]
 
 
 class SimExplainError(ValueError):
@@ -19,3 +19,7 @@ class LayerError(SimExplainError):
 
 class ModelOutputError(SimExplainError):
     """The model does not return one finite embedding vector per image."""
+
+
+class ModelLoadError(InputError):
+    """A model spec, checkpoint or pretrained download could not be turned into a model."""

@@ -17,9 +17,19 @@ from torch import Tensor
 from .files import atomic_write
 
 if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.image import AxesImage
+
     from .explanation import Explanation
 
-__all__ = ["display_image", "plot_explanation", "plot_explanations", "save_figure"]
+__all__ = [
+    "display_image",
+    "draw_overlay",
+    "plot_explanation",
+    "plot_explanations",
+    "plot_retrieval",
+    "save_figure",
+]
 
 
 def display_image(
@@ -44,6 +54,38 @@ def display_image(
     return image[:3].permute(1, 2, 0).numpy()
 
 
+def draw_overlay(
+    ax: "Axes",
+    image: Tensor,
+    heat_map: Optional[Tensor] = None,
+    mean: Optional[Sequence[float]] = None,
+    std: Optional[Sequence[float]] = None,
+    cmap: str = "jet",
+    alpha: float = 0.5,
+    title: Optional[str] = None,
+) -> Optional["AxesImage"]:
+    """Draw ``image`` (``(C, H, W)``) on ``ax`` with ``heat_map`` (``(H, W)``, in [0, 1]) over it.
+
+    Returns the map's ``AxesImage`` (for a colorbar), or ``None`` without a map.
+    """
+    ax.set_axis_off()
+    ax.imshow(display_image(image, mean, std))
+    mappable = None
+    if heat_map is not None:
+        heat = heat_map.detach().float().cpu().numpy()
+        mappable = ax.imshow(heat, cmap=cmap, alpha=alpha, vmin=0, vmax=1)
+    if title is not None:
+        ax.set_title(title, fontsize=9)
+    return mappable
+
+
+def _slot_title(exp: "Explanation", index: int, slot: int) -> str:
+    role = exp.roles[slot]
+    if exp.labels is not None:
+        role = f"{role} (label {int(exp.labels[index, slot])})"
+    return f"{role}\ns = {float(exp.scores[index, slot]):.3g}"
+
+
 def _draw_rows(
     figure: Figure,
     rows: list[tuple["Explanation", int, Optional[str]]],
@@ -59,11 +101,16 @@ def _draw_rows(
             ax.set_axis_off()
             if t >= exp.images.shape[1]:
                 continue
-            ax.imshow(display_image(exp.images[index, t], exp.mean, exp.std))
-            mappable = ax.imshow(
-                exp.maps[index, t].detach().cpu().numpy(), cmap=cmap, alpha=alpha, vmin=0, vmax=1
+            mappable = draw_overlay(
+                ax,
+                exp.images[index, t],
+                exp.maps[index, t],
+                exp.mean,
+                exp.std,
+                cmap,
+                alpha,
+                _slot_title(exp, index, t),
             )
-            ax.set_title(f"{exp.roles[t]}\ns = {float(exp.scores[index, t]):.3g}", fontsize=9)
         if row_title:
             panel.suptitle(row_title, fontsize=10, x=0.02, ha="left")
         panel.colorbar(mappable, ax=list(axes), shrink=0.8, label="attention")
@@ -100,6 +147,82 @@ def plot_explanations(
     columns = max(e.images.shape[1] for e, _, _ in rows)
     figure = Figure(figsize=(2.6 * columns + 1.0, 2.9 * len(rows)), layout="constrained")
     _draw_rows(figure, rows, cmap, alpha)
+    return figure
+
+
+def plot_retrieval(
+    query_image: Tensor,
+    gallery_images: Tensor,
+    query_maps: Optional[Tensor],
+    gallery_maps: Tensor,
+    scores: Tensor,
+    *,
+    mean: Optional[Sequence[float]] = None,
+    std: Optional[Sequence[float]] = None,
+    gallery_titles: Optional[Sequence[str]] = None,
+    query_title: str = "query",
+    score_name: str = "cos",
+    cmap: str = "jet",
+    alpha: float = 0.5,
+) -> Figure:
+    """A query and its top-k gallery matches, each match with its map.
+
+    The first column shows the query. With ``query_maps``, the top row shows the
+    query's map for each match (what in the query resembles that match) above the
+    match and its own map; without, one row holds the query and the matches.
+
+    Args:
+        query_image: ``(C, H, W)``.
+        gallery_images: ``(k, C, H, W)``, best match first.
+        query_maps: ``(k, H, W)`` one query map per match, ``(H, W)`` one for all,
+            or ``None``.
+        gallery_maps: ``(k, H, W)`` in [0, 1].
+        scores: ``(k,)`` the similarity of each match, shown in its title.
+        mean, std: the normalisation to undo for display.
+        gallery_titles: a name per match (e.g. its file name).
+        query_title: the query's title.
+        score_name: how the score is labelled in titles.
+
+    Example:
+        >>> figure = plot_retrieval(
+        ...     torch.rand(3, 8, 8), torch.rand(2, 3, 8, 8), torch.rand(2, 8, 8),
+        ...     torch.rand(2, 8, 8), torch.tensor([0.9, 0.7]),
+        ... )
+        >>> [ax.get_title() for ax in figure.axes[:3]]
+        ['query', 'query vs #1', 'query vs #2']
+    """
+    count = gallery_images.shape[0]
+    if gallery_images.dim() != 4 or gallery_maps.shape[0] != count or len(scores) != count:
+        raise ValueError(
+            f"gallery_images {tuple(gallery_images.shape)}, gallery_maps "
+            f"{tuple(gallery_maps.shape)} and scores ({len(scores)},) must hold the same "
+            "number k of matches: (k, C, H, W), (k, H, W), (k,)"
+        )
+    if count == 0:
+        raise ValueError("nothing to plot: no gallery matches given")
+    if gallery_titles is not None and len(gallery_titles) != count:
+        raise ValueError(f"{len(gallery_titles)} gallery_titles for {count} matches")
+    if query_maps is not None and query_maps.dim() == 2:
+        query_maps = query_maps.expand(count, -1, -1)
+    rows = 1 if query_maps is None else 2
+    figure = Figure(figsize=(2.3 * (count + 1) + 1.0, 2.6 * rows), layout="constrained")
+    axes = figure.subplots(rows, count + 1, squeeze=False)
+    draw_overlay(axes[0, 0], query_image, mean=mean, std=std, title=query_title)
+    mappable = None
+    for j in range(count):
+        if query_maps is not None:
+            draw_overlay(
+                axes[0, j + 1], query_image, query_maps[j], mean, std, cmap, alpha,
+                f"{query_title} vs #{j + 1}",
+            )  # fmt: skip
+        name = f" {gallery_titles[j]}" if gallery_titles is not None else ""
+        mappable = draw_overlay(
+            axes[-1, j + 1], gallery_images[j], gallery_maps[j], mean, std, cmap, alpha,
+            f"#{j + 1}{name}\n{score_name} = {float(scores[j]):.3f}",
+        )  # fmt: skip
+    if rows == 2:
+        axes[1, 0].set_axis_off()
+    figure.colorbar(mappable, ax=list(axes.ravel()), shrink=0.8, label="attention")
     return figure
 
 
