@@ -9,6 +9,7 @@ maps an image to a vector, after Zheng et al., "Visual Similarity Attention".
 
 from .api import check_labels, explain
 from .attribution import EmbeddingAttribution, TupleResult
+from .captum_adapters import TupleScore, maps_to_input_shape, to_image_attr, visualize_map
 from .errors import InputError, LayerError, ModelLoadError, ModelOutputError, SimExplainError
 from .explanation import Explanation
 from .layers import FeatureLayer, find_feature_layer
@@ -35,6 +36,10 @@ __all__ = [
     "Explanation",
     "EmbeddingAttribution",
     "TupleResult",
+    "TupleScore",
+    "maps_to_input_shape",
+    "to_image_attr",
+    "visualize_map",
     "FeatureLayer",
     "find_feature_layer",
     "SAMLoss",

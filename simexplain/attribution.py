@@ -139,10 +139,12 @@ class EmbeddingAttribution(LayerAttribution, GradientAttribution):
         if isinstance(layer, str):
             get_layer(model, layer)  # fail early on a wrong name
 
-    def feature_layer(self, sample: Tensor) -> FeatureLayer:
+    def feature_layer(self, sample: Tensor, forward_args: tuple = ()) -> FeatureLayer:
         """The layer explained for inputs shaped like ``sample`` (found once, then cached)."""
         layout = "NCHW" if self.reshape_transform is not None else self.layout
-        found = resolve_layer(self.model, self.layer_spec, sample, layout, self.num_prefix_tokens)
+        found = resolve_layer(
+            self.model, self.layer_spec, sample, layout, self.num_prefix_tokens, forward_args
+        )
         self.layer = found.module
         return found
 
@@ -168,8 +170,10 @@ class EmbeddingAttribution(LayerAttribution, GradientAttribution):
                 shape ``(B,)`` (or one bool for all). ``None`` for triplets and
                 quadruplets. Per-pair tensors are ``(B,)`` so captum's ``NoiseTunnel``
                 can expand them.
-            additional_forward_args: extra arguments passed unchanged to every forward
-                call of the model (not per image).
+            additional_forward_args: extra arguments for the model's forward. A tensor
+                whose first dimension is ``B`` is per tuple (captum's convention, so
+                ``NoiseTunnel`` can expand it): it is cut to each chunk and repeated for
+                every slot. Anything else is passed unchanged to every call.
             weight_fn: explain another criterion: a function of the slots' normalised
                 embeddings ``(B, d)`` returning ``w`` ``(B, d)``; ``target`` is then
                 ignored. See :mod:`simexplain.weights`.
@@ -218,7 +222,9 @@ class EmbeddingAttribution(LayerAttribution, GradientAttribution):
         with preserved_state(self.model, eval_mode=self.eval_mode), torch.inference_mode(
             False
         ), torch.enable_grad():
-            layer = self.feature_layer(slots[0])
+            layer = self.feature_layer(
+                slots[0][:2], tuple_forward_args(args, batch, 0, min(2, batch), 1)
+            )
             parts = []
             for start in range(0, batch, chunk):
                 stop = min(start + chunk, batch)
@@ -226,7 +232,7 @@ class EmbeddingAttribution(LayerAttribution, GradientAttribution):
                     self._attribute_chunk(
                         [s[start:stop] for s in slots],
                         None if same_class is None else same_class[start:stop],
-                        args,
+                        tuple_forward_args(args, batch, start, stop, len(slots)),
                         layer,
                         weight_fn,
                         relu_attributions,
@@ -389,6 +395,16 @@ class EmbeddingAttribution(LayerAttribution, GradientAttribution):
                 raise LayerError("reshape_transform must return a (N, C, h, w) tensor")
             return out
         return to_spatial(tensor, layer, image_hw)
+
+
+def tuple_forward_args(args: tuple, batch: int, start: int, stop: int, num_slots: int) -> tuple:
+    """Per-tuple tensor arguments (B, ...) cut to a chunk and repeated for every slot."""
+    return tuple(
+        torch.cat([a[start:stop]] * num_slots)
+        if isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == batch
+        else a
+        for a in args
+    )
 
 
 def _as_tuple(args: Any) -> tuple:

@@ -173,7 +173,11 @@ def infer_layout(
         length = output.shape[1]
         declared = _declared_prefix_tokens(model)
         candidates = range(min(_MAX_PREFIX_TOKENS, length - 1) + 1)
-        if declared is not None and 0 <= declared < length and token_grid(length - declared, image_hw):
+        if (
+            declared is not None
+            and 0 <= declared < length
+            and token_grid(length - declared, image_hw)
+        ):
             return "tokens", declared
         # Otherwise the prefix whose patch grid has the image's aspect most exactly
         # (26 tokens on a 32x48 image: 2 + 4x6, not 1 + 5x5); ties go to fewer tokens.
@@ -260,6 +264,7 @@ def resolve_layer(
     sample: Tensor,
     layout: Optional[str] = None,
     num_prefix_tokens: Optional[int] = None,
+    forward_args: tuple = (),
 ) -> FeatureLayer:
     """The :class:`FeatureLayer` for ``layer`` (None, a dotted name or a module).
 
@@ -283,7 +288,7 @@ def resolve_layer(
     cached = _CACHE.get(model, {}).get(key)
     if cached is not None and _still_in_model(model, cached):
         return cached
-    found = _probe(model, name, sample, layout, num_prefix_tokens)
+    found = _probe(model, name, sample, layout, num_prefix_tokens, forward_args)
     _CACHE.setdefault(model, {})[key] = found
     return found
 
@@ -316,8 +321,9 @@ def _probe(
     sample: Tensor,
     layout: Optional[str],
     num_prefix_tokens: Optional[int],
+    forward_args: tuple = (),
 ) -> FeatureLayer:
-    """One forward + backward on the first images of ``sample``, recording candidate layer outputs."""
+    """One forward + backward on the first images of ``sample``, recording candidate layers."""
     image_hw = (int(sample.shape[-2]), int(sample.shape[-1]))
     generator = torch.Generator().manual_seed(0)
     probe = sample[:2].detach().clone().requires_grad_()
@@ -360,7 +366,7 @@ def _probe(
     handles += [m.register_forward_pre_hook(make_pre_hook(n)) for n, m in targets.items() if n]
     try:
         with preserved_state(model, eval_mode=True), torch.enable_grad():
-            embeddings = embedding_matrix(model(probe), probe.shape[0])
+            embeddings = embedding_matrix(model(probe, *forward_args), probe.shape[0])
             if not torch.isfinite(embeddings).all():
                 raise ModelOutputError(
                     "the model produced NaN or Inf embeddings for finite inputs; check the "
