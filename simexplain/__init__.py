@@ -14,6 +14,7 @@ from .errors import InputError, LayerError, ModelLoadError, ModelOutputError, Si
 from .explanation import Explanation
 from .layers import FeatureLayer, find_feature_layer
 from .maps import scale_maps, upsample_maps
+from .methods import METHODS, get_method
 from .models import load_model
 from .retrieval import RetrievalExplanation, embed_images, explain_matches, rank_gallery
 from .viz import plot_retrieval
@@ -27,6 +28,8 @@ from .weights import (
     similarity_scores,
     triplet_weights,
 )
+
+from . import metrics  # noqa: E402, F401  (simexplain.metrics after a plain import)
 
 __version__ = "0.1.0"
 
@@ -42,6 +45,8 @@ __all__ = [
     "visualize_map",
     "FeatureLayer",
     "find_feature_layer",
+    "METHODS",
+    "get_method",
     "SAMLoss",
     "SAMLossParts",
     "SimilarityMiningLoss",

@@ -293,8 +293,8 @@ class EmbeddingAttribution(LayerAttribution, GradientAttribution):
     ) -> Tensor:
         """GradCAM's combination: channels of ``activation`` weighted by the spatial mean
         of ``gradient``, summed; ``(N, h, w)``. Both are the layer's raw output layout."""
-        spatial_act = self._spatial(activation, layer, image_hw)
-        spatial_grad = self._spatial(gradient, layer, image_hw)
+        spatial_act = self.spatial(activation, layer, image_hw)
+        spatial_grad = self.spatial(gradient, layer, image_hw)
         channel_weights = spatial_grad.mean(dim=(2, 3), keepdim=True)
         maps = (channel_weights * spatial_act).sum(dim=1)
         return torch.relu(maps) if relu else maps
@@ -388,7 +388,8 @@ class EmbeddingAttribution(LayerAttribution, GradientAttribution):
         batch = scores.shape[0]
         return torch.cat([g[k * batch : (k + 1) * batch] for k, g in enumerate(grads)])
 
-    def _spatial(self, tensor: Tensor, layer: FeatureLayer, image_hw: tuple[int, int]) -> Tensor:
+    def spatial(self, tensor: Tensor, layer: FeatureLayer, image_hw: tuple[int, int]) -> Tensor:
+        """The layer output (or its gradient) as ``(N, C, h, w)``."""
         if self.reshape_transform is not None:
             out = self.reshape_transform(tensor)
             if not isinstance(out, Tensor) or out.dim() != 4:

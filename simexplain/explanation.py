@@ -59,7 +59,9 @@ class Explanation:
         count = self.images.shape[1]
         return ROLES.get(self.kind, tuple(f"image {i + 1}" for i in range(count)))[:count]
 
-    def plot(self, indices: Optional[Sequence[int]] = None, cmap: str = "jet", alpha: float = 0.5) -> Figure:
+    def plot(
+        self, indices: Optional[Sequence[int]] = None, cmap: str = "jet", alpha: float = 0.5
+    ) -> Figure:
         """A figure with one row per tuple: each image, its map overlaid, role and score."""
         return plot_explanation(self, indices=indices, cmap=cmap, alpha=alpha)
 

@@ -555,7 +555,7 @@ def average_ranks(values: Tensor) -> Tensor:
     sorted_values, order = values.sort(dim=-1, stable=True)
     positions = torch.arange(length, device=values.device).expand_as(order)
     differs = sorted_values[..., 1:] != sorted_values[..., :-1]
-    edge = torch.ones_like(differs[..., :1])
+    edge = torch.ones(*differs.shape[:-1], 1, dtype=torch.bool, device=values.device)
     starts = torch.cat([edge, differs], dim=-1)
     ends = torch.cat([differs, edge], dim=-1)
     # First and last sorted position of each value's tie group, in exact integers.

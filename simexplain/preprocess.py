@@ -37,11 +37,13 @@ def resolve_preprocessing(model: nn.Module, transform: Any = None) -> Preprocess
     when the model carries a ``pretrained_cfg``; else ImageNet's resize-256, crop-224,
     mean/std normalisation.
     """
-    if transform is not None and hasattr(transform, "transforms") and callable(transform.transforms):
+    if transform is not None and callable(getattr(transform, "transforms", None)):
         transform = transform.transforms()
     if transform is not None:
         if not callable(transform):
-            raise InputError(f"transform must be callable or torchvision weights, got {transform!r}")
+            raise InputError(
+                f"transform must be callable or torchvision weights, got {transform!r}"
+            )
         mean = tuple(getattr(transform, "mean", IMAGENET_MEAN))
         std = tuple(getattr(transform, "std", IMAGENET_STD))
         return Preprocessing(transform, mean, std)

@@ -603,3 +603,11 @@ def test_metrics_on_cuda():
     assert pointing_game(maps, boxes, tolerance=1.0).device.type == "cuda"
     assert spearman_correlation(maps, maps).device.type == "cuda"
     assert randomize_top_layers(tiny_net().cuda(), 2)[6].weight.device.type == "cuda"
+
+
+def test_average_ranks_of_single_pixel_maps():
+    """A 1 x 1 map (e.g. resnet18's layer4 at 32 px) has rank 1, and compares without error."""
+    from simexplain.metrics import average_ranks, spearman_correlation
+
+    assert average_ranks(torch.tensor([[5.0], [2.0]])).tolist() == [[1.0], [1.0]]
+    assert spearman_correlation(torch.ones(2, 1, 1), torch.ones(2, 1, 1)).shape == (2,)
