@@ -4,6 +4,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.abspath(".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "_ext"))
 
 import simexplain  # noqa: E402
 
@@ -19,6 +20,7 @@ extensions = [
     "sphinx.ext.viewcode",
     "sphinx.ext.intersphinx",
     "sphinx.ext.doctest",
+    "sphinx_gallery.gen_gallery",
 ]
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
@@ -29,4 +31,18 @@ nitpicky = False
 intersphinx_mapping = {}
 html_theme = "furo"
 html_title = f"simexplain {release}"
-exclude_patterns = ["_build"]
+exclude_patterns = ["_build", "sg_execution_times.rst"]
+
+# The examples run during the build (small models, generated data, CPU), so the gallery
+# shows real figures. Every example file is executed.
+sphinx_gallery_conf = {
+    "examples_dirs": "../examples",
+    "gallery_dirs": "auto_examples",
+    "filename_pattern": r".*\.py$",
+    "within_subsection_order": "FileNameSortKey",
+    "image_scrapers": ("figure_scraper.object_api_scraper",),
+    "download_all_examples": False,
+    "remove_config_comments": True,
+    "show_memory": False,
+    "abort_on_example_error": True,
+}

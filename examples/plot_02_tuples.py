@@ -1,23 +1,29 @@
-"""Explain a pair, a triplet and a quadruplet under a freshly trained embedding model.
+"""Pairs, triplets and quadruplets
+===============================
 
-Runs offline in well under a minute on a CPU: it trains the demo's small CNN for two
-epochs on generated shapes (each class is a shape drawn among distractors), then asks
-``simexplain.explain`` why the model embeds each tuple as it does.
+The labels decide what is explained: two equal labels ask what makes a pair *similar*,
+two different labels what sets it *apart*; a triplet (anchor, positive, negative) and a
+quadruplet (with a second negative) ask what makes the anchor nearer its positive than
+its negatives. The weight vector ``w`` of each kind is in :mod:`simexplain.weights`.
 """
 
+# %%
+# A model trained for a few seconds on generated shapes.
 import torch
 
 from simexplain import EmbeddingAttribution, explain
 from simexplain.data import SHAPE_CLASSES, make_shapes, sample_tuples
 from simexplain.demo import SmallEmbeddingNet, train_triplet
-from simexplain.viz import plot_explanations, save_figure
+from simexplain.viz import plot_explanations
 
 torch.manual_seed(0)
-images, labels = make_shapes(n_per_class=200, num_classes=6, image_size=48, seed=0)
+images, labels = make_shapes(n_per_class=150, num_classes=6, image_size=48, seed=0)
 model = SmallEmbeddingNet(embedding_dim=32)
 train_triplet(model, images, labels, epochs=2, batch_size=128)
 
-# One call per tuple: labels decide the kind (pair, triplet, quadruplet).
+# %%
+# One call per tuple
+# ------------------
 generator = torch.Generator().manual_seed(1)
 explanations = []
 for kind in ("same_pair", "different_pair", "triplet", "quadruplet"):
@@ -27,11 +33,26 @@ for kind in ("same_pair", "different_pair", "triplet", "quadruplet"):
     print(f"{exp.kind:15s} ({names}): scores {[round(float(s), 4) for s in exp.scores[0]]}")
     explanations.append(exp)
 
-save_figure(plot_explanations(explanations), "explain_tuples.png", dpi=80)
+# %%
+# One figure, a row per tuple, titled by kind.
+figure = plot_explanations(explanations)
 
-# The same maps through the captum attribution, for a batch of 8 triplets at once.
-attribution = EmbeddingAttribution(model)  # layer found automatically: "features"
+# %%
+# A batch through the captum attribution
+# --------------------------------------
+# :class:`~simexplain.EmbeddingAttribution` is a captum ``LayerAttribution``: inputs are a
+# tuple of image batches, one per slot, and the result is one ``(B, 1, h, w)`` map per
+# slot at the layer's resolution, computed in one forward pass.
+attribution = EmbeddingAttribution(model)
 triplets = sample_tuples(labels, "triplet", 8, generator)
 anchor, positive, negative = (images[triplets[:, k]] for k in range(3))
 maps = attribution.attribute((anchor, positive, negative))
-print("layer:", attribution.feature_layer(anchor).name, "map shapes:", [tuple(m.shape) for m in maps])
+print("layer:", attribution.feature_layer(anchor).name)
+print("map shapes:", [tuple(m.shape) for m in maps])
+
+# %%
+# A batch of tuples can also go through :func:`~simexplain.explain` as one
+# ``(B, T, C, H, W)`` tensor; its figure has one row per tuple.
+batch = torch.stack([anchor[:3], positive[:3], negative[:3]], dim=1)
+batch_labels = torch.stack([labels[triplets[:3, k]] for k in range(3)], dim=1)
+batch_figure = explain(model, batch, batch_labels).plot()

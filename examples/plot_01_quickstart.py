@@ -1,0 +1,43 @@
+"""Quickstart: why does the model think these images match?
+==========================================================
+
+The one call most users make is :func:`simexplain.explain`: a model that maps an image to
+a vector, the images of a tuple, and their class labels. Here the model is the demo's
+small CNN, trained for a few seconds on generated shapes (each class is one shape drawn
+among distractors), so that its maps have something to show.
+"""
+
+# %%
+# Train a small embedding model
+# -----------------------------
+# Any ``nn.Module`` returning ``(N, d)`` embeddings works: a timm model built with
+# ``num_classes=0``, a torchvision backbone with its classifier removed, your own network.
+import torch
+
+from simexplain import explain
+from simexplain.data import SHAPE_CLASSES, make_shapes
+from simexplain.demo import SmallEmbeddingNet, train_triplet
+
+torch.manual_seed(0)
+images, labels = make_shapes(n_per_class=150, num_classes=6, image_size=48, seed=0)
+model = SmallEmbeddingNet(embedding_dim=32)
+losses = train_triplet(model, images, labels, epochs=2, batch_size=128)
+print("triplet loss per epoch:", [round(x, 3) for x in losses])
+
+# %%
+# Explain one triplet
+# -------------------
+# Three labels make a triplet: anchor, positive (the anchor's class), negative. The layer
+# to explain is found automatically (here ``features``, the last spatial block).
+anchor = int((labels == 0).nonzero()[0])
+positive = int((labels == 0).nonzero()[1])
+negative = int((labels == 3).nonzero()[0])
+batch = images[[anchor, positive, negative]]
+explanation = explain(model, batch, labels=[0, 0, 3])
+print(explanation)
+print("classes:", [SHAPE_CLASSES[int(c)] for c in labels[[anchor, positive, negative]]])
+
+# %%
+# ``plot`` returns a matplotlib figure (object API, no pyplot state); ``save`` writes it
+# atomically. Each panel shows the image, its map, its role and its score ``w . f``.
+figure = explanation.plot()
