@@ -127,6 +127,23 @@ def _frame(u: Tensor, v: Tensor) -> Tensor:  # hollow square
 _SHAPES = (_disc, _square, _triangle, _cross, _ring, _bar, _diamond, _frame)
 
 
+def object_coordinates(
+    yy: Tensor, xx: Tensor, cy: Tensor, cx: Tensor, half: Tensor, max_degrees: float,
+    g: torch.Generator,
+) -> tuple[Tensor, Tensor]:
+    """Pixel coordinates ``(u, v)`` in each object's frame: centred at ``(cy, cx)``, scaled
+    by ``half`` with a random aspect jitter (+-15 %), rotated by up to ``max_degrees``.
+    The shape drawers take these (|u|, |v| <= 1 is the object's box)."""
+    n = cy.shape[0]
+    aspect = 1.0 + 0.15 * (2 * torch.rand(n, 1, 1, generator=g) - 1)
+    theta = math.radians(max_degrees) * (2 * torch.rand(n, 1, 1, generator=g) - 1)
+    dy, dx = yy - cy, xx - cx
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    u = (cos * dx + sin * dy) / (half * aspect)
+    v = (-sin * dx + cos * dy) * (aspect / half)
+    return u, v
+
+
 def _saturated_colours(n: int, g: torch.Generator) -> Tensor:
     """Random RGB colours (n, 3) whose channels sit away from the mid-grey background."""
     c = torch.rand(n, 3, generator=g)
@@ -199,12 +216,7 @@ def make_shapes(
     half = s * (0.17 + 0.12 * torch.rand(n, 1, 1, generator=g))
     cy = half + (s - 2 * half) * torch.rand(n, 1, 1, generator=g)
     cx = half + (s - 2 * half) * torch.rand(n, 1, 1, generator=g)
-    aspect = 1.0 + 0.15 * (2 * torch.rand(n, 1, 1, generator=g) - 1)
-    theta = math.radians(15.0) * (2 * torch.rand(n, 1, 1, generator=g) - 1)
-    dy, dx = yy - cy, xx - cx
-    cos, sin = torch.cos(theta), torch.sin(theta)
-    u = (cos * dx + sin * dy) / (half * aspect)
-    v = (-sin * dx + cos * dy) * (aspect / half)
+    u, v = object_coordinates(yy, xx, cy, cx, half, 15.0, g)
     mask = _shape_masks(u, v, labels).unsqueeze(1).float()
     colour = _saturated_colours(n, g).view(n, 3, 1, 1)
     images.lerp_(colour.expand_as(images), mask)

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-__all__ = ["SimExplainError", "InputError", "LayerError", "ModelOutputError", "ModelLoadError"]
+__all__ = [
+    "SimExplainError",
+    "InputError",
+    "LayerError",
+    "ModelOutputError",
+    "ModelLoadError",
+    "MissingExtraError",
+]
 
 
 class SimExplainError(ValueError):
@@ -23,3 +30,7 @@ class ModelOutputError(SimExplainError):
 
 class ModelLoadError(InputError):
     """A model spec, checkpoint or pretrained download could not be turned into a model."""
+
+
+class MissingExtraError(InputError, ImportError):
+    """An optional dependency is not installed; the message names the extra to install."""
