@@ -457,9 +457,20 @@ def check_tuple_inputs(inputs: TensorOrTuple) -> list[Tensor]:
     if first.shape[0] == 0:
         raise InputError("inputs hold no images (batch size 0)")
     for i, x in enumerate(slots):
-        if not torch.isfinite(x).all():
+        if not all_finite(x):
             raise InputError(f"inputs[{i}] contains NaN or Inf values; clean the images first")
     return slots
+
+
+def all_finite(tensor: Tensor) -> bool:
+    """Whether ``tensor`` holds no NaN or Inf.
+
+    A sum is several times faster than ``isfinite(...).all()`` on large inputs and is
+    non-finite whenever an element is; only then (or on overflow) the exact test decides.
+    """
+    if bool(torch.isfinite(tensor.sum())):
+        return True
+    return bool(torch.isfinite(tensor).all())
 
 
 def _check_target(target: Any, num_slots: int, batch: int) -> Optional[Tensor]:

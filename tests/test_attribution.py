@@ -161,7 +161,8 @@ def test_closed_form_triplet():
     result = EmbeddingAttribution(MeanPoolNet(), "features").attribute_tuples(
         (anchor, positive, negative)
     )
-    f = [torch.from_numpy(x.double().mean(dim=(2, 3)).numpy()) for x in (anchor, positive, negative)]
+    slots = (anchor, positive, negative)
+    f = [torch.from_numpy(x.double().mean(dim=(2, 3)).numpy()) for x in slots]
     f = [v / v.norm() for v in f]
     weights = (1 - (f[0] - f[1]).abs()) * (f[0] - f[2]).abs()
     torch.testing.assert_close(result.weights.double(), weights, rtol=1e-5, atol=1e-7)
@@ -254,3 +255,18 @@ def test_hooking_inside_a_block_with_inplace_ops(resnet):
     expected = _captum_maps(resnet, resnet.layer4[1].bn2, slots, result.weights, True)
     for k, exp in enumerate(expected):
         assert_maps_close(result.maps[:, k : k + 1], exp)
+
+
+def test_all_finite_fast_path_is_exact():
+    """The sum shortcut must not call huge finite inputs infinite, nor miss NaN or Inf."""
+    from simexplain.attribution import all_finite
+
+    huge = torch.full((8,), 3e38)  # the sum overflows; the exact check clears it
+    assert all_finite(huge)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        x = torch.randn(2, 3, 4, 4)
+        x[1, 2, 3, 0] = bad
+        assert not all_finite(x)
+        assert not all_finite(x.transpose(0, 1))  # non-contiguous views too
+    both = torch.tensor([float("inf"), float("-inf")])  # sums to NaN
+    assert not all_finite(both)
