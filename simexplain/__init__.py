@@ -16,7 +16,15 @@ from .layers import FeatureLayer, find_feature_layer
 from .maps import scale_maps, upsample_maps
 from .methods import METHODS, get_method
 from .models import load_model
-from .retrieval import RetrievalExplanation, embed_images, explain_matches, rank_gallery
+from .report import retrieval_report
+from .retrieval import (
+    RetrievalExplanation,
+    embed_gallery,
+    embed_images,
+    explain_matches,
+    list_labelled_images,
+    rank_gallery,
+)
 from .viz import plot_retrieval
 from .mining import SAMLoss, SAMLossParts, SimilarityMiningLoss, soft_mask
 from .weights import (
@@ -67,6 +75,9 @@ __all__ = [
     "ModelLoadError",
     "load_model",
     "embed_images",
+    "embed_gallery",
+    "list_labelled_images",
+    "retrieval_report",
     "rank_gallery",
     "explain_matches",
     "RetrievalExplanation",

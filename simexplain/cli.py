@@ -1,4 +1,4 @@
-"""The ``simexplain`` command: ``explain``, ``explain-dir`` and ``demo``.
+"""The ``simexplain`` command: ``explain``, ``explain-dir``, ``report`` and ``demo``.
 
 Every failure the user can cause (a missing or unreadable file, an unknown model, a
 checkpoint that does not fit, no network for ``--pretrained``) ends with one line on
@@ -88,10 +88,27 @@ def _model_options() -> argparse.ArgumentParser:
     return options
 
 
+def _retrieval_options() -> argparse.ArgumentParser:
+    options = argparse.ArgumentParser(add_help=False)
+    group = options.add_argument_group("retrieval")
+    group.add_argument("--top-k", type=int, default=5, help="matches per query (default 5)")
+    group.add_argument(
+        "--batch-size", type=int, default=32, help="images per forward pass when embedding"
+    )
+    group.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="show progress bars on stderr (default: when stderr is a terminal)",
+    )
+    return options
+
+
 def _parser() -> _Parser:
     parser = _Parser(prog=PROG, description="Visual explanations for similarity models.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     model_options = _model_options()
+    retrieval_options = _retrieval_options()
 
     explain = commands.add_parser(
         "explain",
@@ -113,7 +130,7 @@ def _parser() -> _Parser:
 
     explain_dir = commands.add_parser(
         "explain-dir",
-        parents=[model_options],
+        parents=[model_options, retrieval_options],
         help="retrieve the top-k gallery matches of every query image and explain them",
         description="For each image in QUERY_DIR, rank the images of --gallery by cosine "
         "similarity and write a figure of the query and its top-k matches, each with its "
@@ -121,20 +138,48 @@ def _parser() -> _Parser:
     )
     explain_dir.add_argument("query_dir", metavar="QUERY_DIR", help="folder of query images")
     explain_dir.add_argument("--gallery", required=True, metavar="DIR", help="gallery folder")
-    explain_dir.add_argument("--top-k", type=int, default=5, help="matches per query (default 5)")
     explain_dir.add_argument("--out", required=True, metavar="DIR", help="folder for the figures")
     explain_dir.add_argument(
         "--format", default="png", help="figure format: png, pdf, svg, ... (default png)"
     )
     explain_dir.add_argument("--dpi", type=int, default=110, help="figure resolution (default 110)")
-    explain_dir.add_argument(
-        "--batch-size", type=int, default=32, help="images per forward pass when embedding"
+
+    report = commands.add_parser(
+        "report",
+        parents=[model_options, retrieval_options],
+        help="retrieve the top-k gallery matches of queries and write a static HTML report",
+        description="Rank the images of --gallery for every query and write a folder with "
+        "index.html (open it in any browser, no server needed): one card per query with "
+        "its top-k matches, their maps and cosine similarities, correct/incorrect marks "
+        "when images sit in class folders, and point-to-point maps: click a point of a "
+        "query to see where each match resembles it.",
     )
-    explain_dir.add_argument(
-        "--progress",
+    report.add_argument(
+        "queries",
+        nargs="+",
+        metavar="QUERIES",
+        help="query image files or folders (images in sub-folders are labelled with the "
+        "sub-folder's name)",
+    )
+    report.add_argument(
+        "--gallery",
+        required=True,
+        metavar="DIR",
+        help="gallery folder (images in sub-folders are labelled with the sub-folder's name)",
+    )
+    report.add_argument("--out", required=True, metavar="DIR", help="report folder")
+    report.add_argument("--title", default="simexplain retrieval report", help="page title")
+    report.add_argument(
+        "--cache",
+        metavar="FILE",
+        help="safetensors file caching the gallery embeddings; reused while the gallery "
+        "files, the model weights and the preprocessing are unchanged",
+    )
+    report.add_argument(
+        "--point-maps",
         action=argparse.BooleanOptionalAction,
-        default=None,
-        help="show progress bars on stderr (default: when stderr is a terminal)",
+        default=True,
+        help="compute the clickable point-to-point maps (default: on)",
     )
 
     commands.add_parser(
@@ -157,6 +202,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = _parser().parse_args(argv)
         if args.command == "explain":
             return _explain(args)
+        if args.command == "report":
+            return _report(args)
         return _explain_dir(args)
     except SystemExit as exit_request:  # --help, --version, the demo's own parser
         return exit_request.code if isinstance(exit_request.code, int) else EXIT_ERROR
@@ -291,6 +338,15 @@ def _progress(total: int, description: str, enabled: Optional[bool]):
     return tqdm(total=total, desc=description, unit="img", file=sys.stderr, disable=disable)
 
 
+def _check_retrieval_options(args: argparse.Namespace) -> None:
+    from .errors import InputError
+
+    if args.top_k < 1:
+        raise InputError(f"--top-k must be at least 1, got {args.top_k}")
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, got {args.batch_size}")
+
+
 def _figure_names(queries: Sequence[Path], file_format: str) -> list[str]:
     """``<stem>.<format>`` per query, or ``<name>.<format>`` where two stems collide."""
     stems = [q.stem for q in queries]
@@ -307,10 +363,7 @@ def _explain_dir(args: argparse.Namespace) -> int:
     from .retrieval import embed_images, explain_matches, list_images, rank_gallery
     from .viz import save_figure
 
-    if args.top_k < 1:
-        raise InputError(f"--top-k must be at least 1, got {args.top_k}")
-    if args.batch_size < 1:
-        raise InputError(f"--batch-size must be at least 1, got {args.batch_size}")
+    _check_retrieval_options(args)
     file_format = _check_figure_format(args.format)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -355,6 +408,46 @@ def _explain_dir(args: argparse.Namespace) -> int:
             writer.writerow([query.name, rank, gallery[i].name, f"{sim:.6f}", name])
     atomic_write(out / "matches.csv", lambda handle: handle.write(table.getvalue().encode()))
     print(f"wrote {len(queries)} figure(s) and matches.csv to {out}")
+    return 0
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .errors import InputError
+    from .report import check_report_destination, retrieval_report
+    from .retrieval import list_labelled_images
+
+    _check_retrieval_options(args)
+    out = Path(args.out)
+    check_report_destination(out)
+    if not Path(args.gallery).is_dir():
+        raise InputError(f"--gallery {args.gallery} is not a folder")
+    queries, query_labels = list_labelled_images(args.queries)
+    gallery, gallery_labels = list_labelled_images(args.gallery)
+    model, preprocessing, _ = _load(args)
+    report = retrieval_report(
+        model,
+        queries,
+        gallery,
+        query_labels=query_labels,
+        gallery_labels=gallery_labels,
+        preprocessing=preprocessing,
+        top_k=args.top_k,
+        layer=args.layer,
+        point_maps=args.point_maps,
+        batch_size=args.batch_size,
+        cache=args.cache,
+        model_spec=args.model,
+        progress=args.progress,
+        title=args.title,
+    )
+    index = report.write(out)
+    if args.point_maps and report.point_maps_note:
+        print(f"note: no point maps: {report.point_maps_note}", file=sys.stderr)
+    print(f"wrote a report of {len(report.cards)} quer{'y' if len(report.cards) == 1 else 'ies'} "
+          f"to {index}")
     return 0
 
 
