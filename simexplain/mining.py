@@ -24,6 +24,7 @@ running mean and variance.
 from __future__ import annotations
 
 import math
+import sys
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
@@ -572,8 +573,7 @@ def _pair_flags(same_class: Any, slot_labels: Optional[Tensor], batch: int) -> T
 
 
 def _is_pml_loss(loss: Any) -> bool:
-    try:
-        from pytorch_metric_learning.losses import BaseMetricLossFunction
-    except ImportError:
-        return False
-    return isinstance(loss, BaseMetricLossFunction)
+    # A pml loss object implies its module is imported; importing it here would cost
+    # seconds on the first call for users of plain losses.
+    module = sys.modules.get("pytorch_metric_learning.losses")
+    return module is not None and isinstance(loss, module.BaseMetricLossFunction)

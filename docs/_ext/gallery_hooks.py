@@ -1,8 +1,10 @@
-"""A sphinx-gallery image scraper for figures made with matplotlib's object API.
+"""sphinx-gallery hooks: a figure scraper for matplotlib's object API, example arguments.
 
 simexplain never uses pyplot, so the stock scraper (which asks pyplot for its open
-figures) sees nothing. This one collects every ``matplotlib.figure.Figure`` that an
-example's code block leaves in its globals, once per figure.
+figures) sees nothing. :func:`object_api_scraper` collects every
+``matplotlib.figure.Figure`` that an example's code block leaves in its globals, once per
+figure. :func:`example_argv` gives the long-running examples their quick settings, so the
+documentation build stays short.
 """
 
 from __future__ import annotations
@@ -33,3 +35,13 @@ def object_api_scraper(block, block_vars, gallery_conf, **kwargs) -> str:
             figure.savefig(path, dpi=80)
             paths.append(path)
     return figure_rst(paths, gallery_conf["src_dir"])
+
+
+# Command-line arguments per example file during the docs build.
+_QUICK_ARGS = {"train_sam.py": ["--quick"]}
+
+
+def example_argv(gallery_conf, script_vars) -> list[str]:
+    from pathlib import Path
+
+    return _QUICK_ARGS.get(Path(script_vars["src_file"]).name, [])

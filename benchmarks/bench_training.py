@@ -1,0 +1,334 @@
+#!/usr/bin/env python
+"""Cost of similarity mining in training: one SAMLoss step relative to a plain step.
+
+For each configuration (model, image size, triplets per step B) this measures one
+training step (forward, loss, backward, SGD update) on the same model and batch of 3B
+images, in three variants:
+
+  (a) ``plain``   ``SAMLoss(model, triplet loss, gamma=0)``: the metric loss alone, no
+                  mining pass (what a baseline training step costs);
+  (b) ``double``  the plain loss on the batch plus the same loss on a second forward of a
+                  copy of the batch (BatchNorm statistics frozen for it): the practical floor
+                  of mining, which needs a second forward and backward;
+  (c) ``sam``     ``SAMLoss(..., gamma=0.25)``: differentiable maps, soft masks, the masked
+                  forward and the mining term, all in the backward.
+
+The ratio c/a is the cost of mining (aim: at most 2.3); c/b shows what the maps cost on top of
+the unavoidable second pass. Besides the maps (cheap: their gradient only runs from the
+embedding back to the explained layer), SAM's backward must carry the mining gradient
+through the soft mask into the masked images, i.e. compute the input gradient of the first
+convolution, which a plain step never needs; a profile (``--profile``) shows it as the extra
+``convolution_backward`` time.
+
+How it is measured (the approach and helpers of ``bench_explain.py``):
+
+* Time: wall clock per step (CUDA events on a GPU), one warm-up step per variant, then
+  ``--repeats`` repetitions that run every variant once in an order rotated per
+  repetition; medians. ``--threads`` torch threads (default 1, steadier on a shared machine).
+* Memory (CPU): peak RSS above the baseline after setup, in a fresh process per variant
+  (started through ``/bin/sh`` so it does not inherit this process's RSS high-water mark),
+  ``MALLOC_MMAP_THRESHOLD_`` set so RSS follows live tensors; two steps, warm-up included.
+  On CUDA: ``max_memory_allocated`` above the allocation before the step.
+
+Writes ``benchmarks/results/bench_training.md`` (atomically) and prints every ratio. About
+3-5 minutes on 2 shared CPU cores with the defaults; ``--quick`` takes well under a minute.
+``--profile`` prints the top operators of one SAM step (torch.profiler).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import gc
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_explain import (  # noqa: E402  (shared measurement helpers)
+    ROOT,
+    _maxrss_kib,
+    _reset_high_water_mark,
+    _status_kib,
+    atomic_write_text,
+    cpu_name,
+    median,
+    ratio,
+    time_call,
+)
+
+from simexplain.demo import SmallEmbeddingNet  # noqa: E402
+from simexplain.mining import SAMLoss, frozen_norm_statistics  # noqa: E402
+
+VARIANTS = ("plain", "double", "sam")
+TARGET = 2.3
+MIB = 1024.0 * 1024.0
+# name: (description, image size, triplets per step, explained layer)
+CONFIGS = {
+    "small": ("simexplain.demo.SmallEmbeddingNet (0.14 M parameters)", 48, 32, "features"),
+    "resnet18": ("torchvision resnet18, fc -> Linear(512, 128), random init", 96, 16, "layer4"),
+}
+
+
+# ------------------------------------------------------------------------------ setup
+
+
+def build_model(name: str, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    if name == "small":
+        return SmallEmbeddingNet(embedding_dim=64)
+    import torchvision
+
+    model = torchvision.models.resnet18(weights=None)
+    model.fc = nn.Linear(512, 128)
+    return model
+
+
+def triplet_loss(anchor: Tensor, positive: Tensor, negative: Tensor) -> Tensor:
+    unit = [F.normalize(e, dim=1) for e in (anchor, positive, negative)]
+    return F.triplet_margin_loss(*unit, margin=0.2)
+
+
+class Step:
+    """One configuration: the model, its batch of triplets and a training step per variant."""
+
+    def __init__(self, name: str, size: int, batch: int, seed: int, device: torch.device):
+        self.model = build_model(name, seed).to(device).train()
+        gen = torch.Generator().manual_seed(seed + 1)
+        self.slots = tuple(torch.rand(batch, 3, size, size, generator=gen).to(device)
+                           for _ in range(3))
+        self.optimiser = torch.optim.SGD(self.model.parameters(), lr=1e-4)  # no state
+        layer = CONFIGS[name][3]
+        self.criteria = {
+            "plain": SAMLoss(self.model, triplet_loss, gamma=0.0, layer=layer),
+            "sam": SAMLoss(self.model, triplet_loss, gamma=0.25, layer=layer),
+        }
+
+    def _double_loss(self) -> Tensor:
+        plain = self.criteria["plain"]
+        first = plain(self.slots)
+        with frozen_norm_statistics(self.model):
+            second = plain(tuple(s.clone() for s in self.slots))
+        return first + 0.25 * second
+
+    def runner(self, variant: str) -> Callable[[], Any]:
+        def run() -> Tensor:
+            if variant == "double":
+                loss = self._double_loss()
+            else:
+                loss = self.criteria[variant](self.slots)
+            self.optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimiser.step()
+            return loss.detach()
+
+        return run
+
+
+# ------------------------------------------------------------------------------ memory
+
+
+def memory_worker(spec: dict) -> dict:
+    """In a fresh process: peak RSS of two steps of ``spec['variant']`` above the baseline."""
+    torch.set_num_threads(spec["threads"])
+    step = Step(spec["model"], spec["size"], spec["batch"], spec["seed"], torch.device("cpu"))
+    run = step.runner(spec["variant"])
+    gc.collect()
+    reset = _reset_high_water_mark()
+    base = _maxrss_kib()
+    for _ in range(2):
+        run()
+    return {"peak_mib": (_maxrss_kib() - base) / 1024.0, "hwm_reset": reset,
+            "baseline_rss_mib": (_status_kib("VmRSS") or 0) / 1024.0}
+
+
+def measure_memory(spec: dict, timeout: float = 900.0) -> Optional[float]:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072",
+               OMP_NUM_THREADS=str(spec["threads"]))
+    worker = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+    # a shell that forks (not execs) the worker: exec would carry our ru_maxrss over
+    command = ["/bin/sh", "-c", '"$@"; exit $?', "sh", *worker]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        print(f"  memory {spec['variant']}: timed out", flush=True)
+        return None
+    for line in done.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])["peak_mib"]
+    print(f"  memory {spec['variant']} failed: {done.stderr.strip()[-300:]}", flush=True)
+    return None
+
+
+def cuda_peak_mib(run: Callable[[], Any]) -> float:
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    run()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / MIB
+
+
+# ------------------------------------------------------------------------------ run
+
+
+def measure(name: str, args, device: torch.device) -> dict:
+    _, size, batch, layer = CONFIGS[name]
+    size, batch = args.size or size, args.batch or batch
+    row: dict[str, Any] = {"model": name, "device": device.type, "size": size, "batch": batch,
+                           "layer": layer, "load": round(os.getloadavg()[0], 2)}
+    step = Step(name, size, batch, args.seed, device)
+    runners = {v: step.runner(v) for v in VARIANTS}
+    times: dict[str, list] = {v: [] for v in VARIANTS}
+    for v in VARIANTS:  # warm-up
+        time_call(runners[v], device)
+    for r in range(args.repeats):
+        for v in VARIANTS[r % 3:] + VARIANTS[: r % 3]:
+            times[v].append(time_call(runners[v], device))
+    row["times"] = times
+    row["time_s"] = {v: median(times[v]) for v in VARIANTS}
+    if device.type == "cuda":
+        row["mem_mib"] = {v: cuda_peak_mib(runners[v]) for v in VARIANTS}
+    elif args.memory:
+        row["mem_mib"] = {v: measure_memory({"model": name, "size": size, "batch": batch,
+                                             "seed": args.seed, "threads": args.threads,
+                                             "variant": v}) for v in VARIANTS}
+    else:
+        row["mem_mib"] = {}
+    t, m = row["time_s"], row["mem_mib"]
+    row["ratios"] = {"time_sam_plain": ratio(t["sam"], t["plain"]),
+                     "time_sam_double": ratio(t["sam"], t["double"]),
+                     "time_double_plain": ratio(t["double"], t["plain"]),
+                     "mem_sam_plain": ratio(m.get("sam"), m.get("plain")),
+                     "mem_double_plain": ratio(m.get("double"), m.get("plain"))}
+    if args.profile:
+        profile_sam(runners["sam"], name)
+    return row
+
+
+def profile_sam(run: Callable[[], Any], name: str) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    print(f"-- profile of one SAM step, {name}")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
+def fmt(x: Optional[float], spec: str = ".2f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def verdict(x: Optional[float]) -> str:
+    return "-" if x is None else f"{x:.2f} ({'ok' if x <= TARGET else 'MISS'})"
+
+
+def report_line(row: dict) -> str:
+    t, m, r = row["time_s"], row["mem_mib"], row["ratios"]
+    return (f"{row['model']:>9} {row['device']} {row['size']} px B={row['batch']}: "
+            + " ".join(f"{v} {t[v]:.3f}s" for v in VARIANTS)
+            + f" | time sam/plain {verdict(r['time_sam_plain'])} (aim <= {TARGET})"
+            + f", sam/double {fmt(r['time_sam_double'])}"
+            + " | peak MiB " + " ".join(f"{v} +{fmt(m.get(v), '.0f')}" for v in VARIANTS)
+            + f", sam/plain {fmt(r['mem_sam_plain'])}")
+
+
+def write_markdown(path: Path, rows: list[dict], args, meta: dict) -> None:
+    lines = [
+        "# bench_training: one training step with similarity mining vs without",
+        "",
+        f"Generated by `python benchmarks/bench_training.py {' '.join(meta['argv'])}` on "
+        f"{meta['date']} ({meta['elapsed_min']:.1f} min); torch {torch.__version__}, "
+        f"{meta['cpu']}, {args.threads} thread(s), {platform.python_version()}; load average "
+        f"{meta['load']} at the start ({os.cpu_count()} CPUs visible, shared: indicative only).",
+        "",
+        "Step = forward, triplet margin loss on L2-normalised embeddings, backward, SGD update; "
+        "random weights and images; B triplets = 3B images. (a) plain: `SAMLoss(gamma=0)`; "
+        "(b) double: the plain loss plus a second forward of a copy of the batch (the floor "
+        "of mining); (c) sam: `SAMLoss(gamma=0.25)`. Medians of "
+        f"{args.repeats} interleaved repetitions after a warm-up. Memory: peak RSS above the "
+        "baseline after setup, fresh process per variant, 2 steps (CUDA: "
+        "`max_memory_allocated` above the allocation before the step).",
+        "",
+        f"| model | device | px | B | layer | (a) plain s | (b) double s | (c) sam s | c/a "
+        f"(aim <= {TARGET}) | c/b | b/a | mem (a) MiB | mem (b) | mem (c) | mem c/a | load |",
+        "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        t, m, r = row["time_s"], row["mem_mib"], row["ratios"]
+        lines.append(
+            f"| {row['model']} | {row['device']} | {row['size']} | {row['batch']} | "
+            f"`{row['layer']}` | " + " | ".join(fmt(t[v], ".3f") for v in VARIANTS)
+            + f" | {verdict(r['time_sam_plain'])} | {fmt(r['time_sam_double'])} "
+            f"| {fmt(r['time_double_plain'])} | "
+            + " | ".join(fmt(m.get(v), ".0f") for v in VARIANTS)
+            + f" | {fmt(r['mem_sam_plain'])} | {row['load']} |"
+        )
+    lines += ["", "Per-repetition times (s):", "", "```"]
+    for row in rows:
+        for v in VARIANTS:
+            lines.append(f"{row['model']:>9} {row['device']} {v:>6}: "
+                         + " ".join(f"{x:.3f}" for x in row["times"][v]))
+    lines += ["```", ""]
+    atomic_write_text(path, "\n".join(lines))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", choices=sorted(CONFIGS), default=list(CONFIGS))
+    p.add_argument("--size", type=int, default=None, help="image side (default per model)")
+    p.add_argument("--batch", type=int, default=None, help="triplets per step")
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-memory", dest="memory", action="store_false")
+    p.add_argument("--no-cuda", dest="cuda", action="store_false")
+    p.add_argument("--profile", action="store_true")
+    p.add_argument("--quick", action="store_true", help="small model only, 3 repeats")
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.models, args.repeats = ["small"], 3
+    if args.out is None:
+        name = "bench_training_quick.md" if args.quick else "bench_training.md"
+        args.out = ROOT / "benchmarks" / "results" / name
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker is not None:
+        print("RESULT " + json.dumps(memory_worker(json.loads(args.worker))), flush=True)
+        return 0
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    meta = {"argv": sys.argv[1:] if argv is None else list(argv), "cpu": cpu_name(),
+            "date": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
+            "load": " ".join(f"{x:.2f}" for x in os.getloadavg())}
+    devices = [torch.device("cpu")]
+    if args.cuda and torch.cuda.is_available():
+        devices.append(torch.device("cuda"))
+    rows = []
+    for name in args.models:
+        for device in devices:
+            rows.append(measure(name, args, device))
+            print(report_line(rows[-1]), flush=True)
+            meta["elapsed_min"] = (time.perf_counter() - start) / 60
+            write_markdown(args.out, rows, args, meta)
+    print(f"wrote {args.out} in {(time.perf_counter() - start) / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
