@@ -3,26 +3,23 @@
 
 The one call most users make is :func:`simexplain.explain`: a model that maps an image to
 a vector, the images of a tuple, and their class labels. Here the model is the demo's
-small CNN, trained for a few seconds on generated shapes (each class is one shape drawn
-among distractors), so that its maps have something to show.
+small CNN, trained on generated shapes (each class is one shape drawn among
+distractors), so that its maps have something to show.
 """
 
 # %%
-# Train a small embedding model
-# -----------------------------
+# A small embedding model
+# -----------------------
 # Any ``nn.Module`` returning ``(N, d)`` embeddings works: a timm model built with
 # ``num_classes=0``, a torchvision backbone with its classifier removed, your own network.
-import torch
-
+# Here, the demo's CNN trained on generated shapes (about a minute on a CPU the first
+# time, then loaded from a cache).
 from simexplain import explain
-from simexplain.data import SHAPE_CLASSES, make_shapes
-from simexplain.demo import SmallEmbeddingNet, train_triplet
+from simexplain.data import SHAPE_CLASSES
+from simexplain.demo import trained_demo_model
 
-torch.manual_seed(0)
-images, labels = make_shapes(n_per_class=150, num_classes=6, image_size=48, seed=0)
-model = SmallEmbeddingNet(embedding_dim=32)
-losses = train_triplet(model, images, labels, epochs=2, batch_size=128)
-print("triplet loss per epoch:", [round(x, 3) for x in losses])
+model, data = trained_demo_model()
+images, labels = data.test_images, data.test_labels
 
 # %%
 # Explain one triplet

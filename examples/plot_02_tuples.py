@@ -12,14 +12,12 @@ its negatives. The weight vector ``w`` of each kind is in :mod:`simexplain.weigh
 import torch
 
 from simexplain import EmbeddingAttribution, explain
-from simexplain.data import SHAPE_CLASSES, make_shapes, sample_tuples
-from simexplain.demo import SmallEmbeddingNet, train_triplet
+from simexplain.data import SHAPE_CLASSES, sample_tuples
+from simexplain.demo import trained_demo_model
 from simexplain.viz import plot_explanations
 
-torch.manual_seed(0)
-images, labels = make_shapes(n_per_class=150, num_classes=6, image_size=48, seed=0)
-model = SmallEmbeddingNet(embedding_dim=32)
-train_triplet(model, images, labels, epochs=2, batch_size=128)
+model, data = trained_demo_model()  # the demo's CNN on generated shapes (cached)
+images, labels = data.test_images, data.test_labels
 
 # %%
 # One call per tuple

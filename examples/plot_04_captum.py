@@ -15,14 +15,12 @@ from captum.attr import NoiseTunnel
 from captum.metrics import infidelity, infidelity_perturb_func_decorator, sensitivity_max
 
 from simexplain import EmbeddingAttribution, TupleScore, maps_to_input_shape, visualize_map
-from simexplain.data import make_shapes, sample_tuples
-from simexplain.demo import SmallEmbeddingNet, train_triplet
+from simexplain.data import sample_tuples
+from simexplain.demo import trained_demo_model
 from simexplain.maps import scale_maps, upsample_maps
 
-torch.manual_seed(0)
-images, labels = make_shapes(n_per_class=150, num_classes=6, image_size=48, seed=0)
-model = SmallEmbeddingNet(embedding_dim=32)
-train_triplet(model, images, labels, epochs=2, batch_size=128)
+model, data = trained_demo_model()  # the demo's CNN on generated shapes (cached)
+images, labels = data.test_images, data.test_labels
 attribution = EmbeddingAttribution(model)
 
 # %%

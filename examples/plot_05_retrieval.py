@@ -11,16 +11,13 @@ the command line.
 """
 
 # %%
-import torch
 
 from simexplain import EmbeddingAttribution, explain_matches, rank_gallery
 from simexplain.data import SHAPE_CLASSES, make_shapes
-from simexplain.demo import SmallEmbeddingNet, embed, train_triplet
+from simexplain.demo import embed, trained_demo_model
 
-torch.manual_seed(0)
-images, labels = make_shapes(n_per_class=150, num_classes=6, image_size=48, seed=0)
-model = SmallEmbeddingNet(embedding_dim=32)
-train_triplet(model, images, labels, epochs=2, batch_size=128)
+model, data = trained_demo_model()  # the demo's CNN on generated shapes (cached)
+images, labels = data.test_images, data.test_labels
 
 # %%
 # A gallery of unseen images (another seed) and two queries.

@@ -21,6 +21,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,7 @@ from simexplain.data import (
     sample_tuples,
     to_rgb,
 )
+from simexplain.files import atomic_write
 from simexplain.viz import plot_explanations, save_figure
 
 __all__ = [
@@ -48,6 +50,8 @@ __all__ = [
     "pick_tuple",
     "recall_at_1",
     "train_triplet",
+    "trained_demo_model",
+    "default_cache_dir",
 ]
 
 IMAGE_SIZE = 48
@@ -224,6 +228,53 @@ def train_triplet(
             on_epoch(epoch, history[-1])
     model.eval()
     return history
+
+
+def default_cache_dir() -> Path:
+    """Where trained demo weights are cached: ``$SIMEXPLAIN_CACHE``, else
+    ``$XDG_CACHE_HOME/simexplain`` (``~/.cache/simexplain``)."""
+    if os.environ.get("SIMEXPLAIN_CACHE"):
+        return Path(os.environ["SIMEXPLAIN_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "simexplain"
+
+
+def trained_demo_model(
+    dataset: str = "shapes",
+    epochs: int = 6,
+    seed: int = 0,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> tuple[SmallEmbeddingNet, DemoData]:
+    """The demo's network trained on the demo data, to try the library without downloads.
+
+    Training takes about a minute on two CPU cores the first time; the weights are then
+    cached (safetensors, written atomically) under ``cache_dir`` (default
+    :func:`default_cache_dir`) and loaded on later calls. A cache file that cannot be
+    read is ignored and rewritten. Returns the model in eval mode and its data.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    from safetensors.torch import save as save_bytes
+
+    data = load_demo_data(dataset, seed=seed)
+    torch.manual_seed(seed)
+    model = SmallEmbeddingNet()
+    name = f"demo-{data.name}-e{epochs}-s{seed}.safetensors"
+    path = Path(cache_dir or default_cache_dir()) / name
+    if path.is_file():
+        try:
+            model.load_state_dict(load_file(str(path)))
+            return model.eval(), data
+        except (OSError, RuntimeError, ValueError, SafetensorError):
+            pass  # unreadable or stale: train again and overwrite
+    train_triplet(model, data.train_images, data.train_labels, epochs=epochs, seed=seed)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        atomic_write(path, lambda handle: handle.write(save_bytes(state)))
+    except OSError:
+        pass  # a read-only home: the model is still returned, just not cached
+    return model.eval(), data
 
 
 def pick_tuple(

@@ -10,6 +10,7 @@ import torch
 from simexplain import check_labels
 from simexplain.cli import main as cli_main
 from simexplain.data import (
+    SHAPE_CLASSES,
     fashion_mnist_available,
     load_fashion_mnist,
     make_shapes,
@@ -105,3 +106,30 @@ def test_cli_demo(tmp_path):
     out = tmp_path / "cli.png"
     assert cli_main(["demo", "--quick", "--data", "shapes", "--out", str(out)]) == 0
     assert out.exists()
+
+
+def test_trained_demo_model_is_cached(tmp_path, monkeypatch, one_thread):
+    """First call trains and writes the cache atomically; the second loads the same weights."""
+    import simexplain.demo as demo
+    from simexplain.demo import trained_demo_model
+
+    calls = []
+    real_train = demo.train_triplet
+    monkeypatch.setattr(
+        demo, "train_triplet", lambda *a, **k: calls.append(1) or real_train(*a, **k)
+    )
+    small = demo.DemoData(
+        "shapes", *make_shapes(24, 6, 48, seed=1), *make_shapes(4, 6, 48, seed=2),
+        SHAPE_CLASSES[:6],
+    )
+    monkeypatch.setattr(demo, "load_demo_data", lambda name, seed=0: small)
+    first, _ = trained_demo_model(epochs=1, cache_dir=tmp_path)
+    assert calls == [1]
+    assert [p.name for p in tmp_path.iterdir()] == ["demo-shapes-e1-s0.safetensors"]
+    second, _ = trained_demo_model(epochs=1, cache_dir=tmp_path)
+    assert calls == [1] and not second.training
+    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
+        assert torch.equal(a, b), name
+    (tmp_path / "demo-shapes-e1-s0.safetensors").write_bytes(b"truncated")
+    trained_demo_model(epochs=1, cache_dir=tmp_path)  # unreadable cache: trains again
+    assert calls == [1, 1]
