@@ -96,6 +96,8 @@ def train_embedding(
     ``SAMLoss(gamma)``; the same seed gives both arms the same start and batches."""
     torch.manual_seed(seed)
     model = SmallEmbeddingNet(embedding_dim=64)
+    if args.head == "none":  # the pooled post-ReLU features are the (non-negative) embedding
+        model.proj = nn.Identity()
     criterion = SAMLoss(model, triplet_metric(0.2), gamma=gamma, layer=LAYER)
     optimiser = torch.optim.Adam(model.parameters(), lr=args.lr)
     steps = args.epochs * (len(images) // args.batch_size)
@@ -352,7 +354,11 @@ def report(results: list[SeedResult], args: argparse.Namespace, notes: dict[str,
         "  2 x 2 grid. Training:",
         f"  {args.train_scenes} scenes (seed s); test: {args.test_scenes} scenes (seed s +"
         f" 10000), {args.tuples} same-class pairs and {args.tuples} triplets drawn from them.",
-        "- nets: `SmallEmbeddingNet(embedding_dim=64)`, same initialisation and batches for both",
+        "- nets: `SmallEmbeddingNet(embedding_dim=64)`"
+        + (" with `proj = Identity` (the embedding is the pooled post-ReLU features, 96-d, "
+           "non-negative)" if args.head == "none" else " (a linear projection head: signed "
+           "embeddings)")
+        + ", same initialisation and batches for both",
         f"  arms; Adam {args.lr:g} (cosine decay to 1/20), {args.epochs} epochs, batch "
         f"{args.batch_size},",
         f"  {args.triplets_per_batch} random triplets per batch, margin 0.2 on L2-normalised",
@@ -419,6 +425,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="object half-size range, fraction of the image side")
     parser.add_argument("--figure-pairs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--head", choices=("linear", "none"), default="linear",
+                        help="the net's projection head; none: embed pooled features")
     parser.add_argument("--quick", action="store_true", help="tiny smoke run")
     parser.add_argument("--output", type=Path, default=RESULTS / "quality.md")
     parser.add_argument("--figure", type=Path, default=RESULTS / "quality.png")
