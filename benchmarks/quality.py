@@ -175,7 +175,8 @@ def score(
     """Every metric of one method on one batch of tuples (means over tuples and slots)."""
     maps = fn(model, tuples)
     options = {"perturb": "each", "steps": steps}
-    sanity = randomization_sanity(model, tuples, fn, layers=list(SANITY_LAYERS), seed=0)
+    layers = [n for n in SANITY_LAYERS if any(True for _ in model.get_submodule(n).parameters())]
+    sanity = randomization_sanity(model, tuples, fn, layers=layers, seed=0)
     values = {
         "pointing": pointing_game(maps, masks).float().mean(),
         "energy": energy_in_box(maps, masks).mean(),
@@ -378,7 +379,9 @@ def report(results: list[SeedResult], args: argparse.Namespace, notes: dict[str,
         "  the tracked similarity is the pair cosine, or the triplet margin cos(a, p) -",
         "  cos(a, n); AUC in those units (mean height of the curve).",
         "- sanity: `randomization_sanity` with the layers "
-        + ", ".join(f"`{name}`" for name in SANITY_LAYERS)
+        + ", ".join(
+            f"`{name}`" for name in SANITY_LAYERS if name != "proj" or args.head == "linear"
+        )
         + " re-initialised; Spearman",
         "  of the layer-resolution maps. Random maps do not depend on the model: 1 by",
         "  construction.",
