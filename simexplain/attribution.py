@@ -398,13 +398,15 @@ class EmbeddingAttribution(LayerAttribution, GradientAttribution):
         return to_spatial(tensor, layer, image_hw)
 
 
+def is_per_tuple(arg: Any, batch: int) -> bool:
+    """Whether a forward argument is per tuple: a tensor ``(B, ...)`` (captum's convention)."""
+    return isinstance(arg, Tensor) and arg.dim() > 0 and arg.shape[0] == batch
+
+
 def tuple_forward_args(args: tuple, batch: int, start: int, stop: int, num_slots: int) -> tuple:
     """Per-tuple tensor arguments (B, ...) cut to a chunk and repeated for every slot."""
     return tuple(
-        torch.cat([a[start:stop]] * num_slots)
-        if isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == batch
-        else a
-        for a in args
+        torch.cat([a[start:stop]] * num_slots) if is_per_tuple(a, batch) else a for a in args
     )
 
 

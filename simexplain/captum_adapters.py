@@ -23,7 +23,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .attribution import EmbeddingAttribution, TensorOrTuple, tuple_forward_args
+from .attribution import (
+    EmbeddingAttribution,
+    TensorOrTuple,
+    is_per_tuple,
+    tuple_forward_args,
+)
 from .errors import InputError
 from .layers import embedding_matrix
 from .maps import upsample_maps
@@ -113,9 +118,7 @@ class TupleScore:
         weights = self.weights.repeat_interleave(copies, dim=0)
         # per-tuple tensor arguments (B, ...) follow the copies, then every slot
         args = tuple(
-            a.repeat_interleave(copies, dim=0)
-            if isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == tuples
-            else a
+            a.repeat_interleave(copies, dim=0) if is_per_tuple(a, tuples) else a
             for a in self.model_args
         )
         args = tuple_forward_args(args, rows, 0, rows, len(slots))

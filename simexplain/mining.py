@@ -522,22 +522,22 @@ class SAMLoss(nn.Module):
         first = torch.searchsorted(sorted_images, sorted_images)
         rank = torch.empty_like(occurrences)
         rank[order] = torch.arange(len(occurrences), device=occurrences.device) - first
-        maps: list[Optional[Tensor]] = [None] * int(rank.max()) + [None]
-        positions: list[Tensor] = []
-        for r in range(len(maps)):
+        image_hw = (int(image_hw[0]), int(image_hw[1]))
+        maps, positions = [], []
+        for r in range(int(rank.max()) + 1):
             chosen = (rank == r).nonzero().squeeze(1)
             rows = occurrences[chosen]
-            grad_outputs = torch.zeros_like(normalized)
-            grad_outputs = grad_outputs.index_put((rows,), weights[chosen].to(normalized.dtype))
+            grad_outputs = torch.zeros_like(normalized).index_put(
+                (rows,), weights[chosen].to(normalized.dtype)
+            )
             (gradient,) = torch.autograd.grad(
                 normalized, activation, grad_outputs, create_graph=True, retain_graph=True
             )
-            maps[r] = self.attribution.gradient_weighted_maps(
-                activation[rows], gradient[rows], layer, (int(image_hw[0]), int(image_hw[1])),
-                self.relu,
-            )
+            maps.append(self.attribution.gradient_weighted_maps(
+                activation[rows], gradient[rows], layer, image_hw, self.relu
+            ))
             positions.append(chosen)
-        stacked = torch.cat([m for m in maps if m is not None])
+        stacked = torch.cat(maps)
         result = torch.empty_like(stacked)
         result[torch.cat(positions)] = stacked
         return result

@@ -25,7 +25,7 @@ from .errors import InputError
 from .layers import embedding_matrix
 from .maps import scale_maps, upsample_maps
 from .preprocess import ImageLike, Preprocessing, preprocess_images
-from .state import preserved_state
+from .state import model_device, preserved_state
 from .viz import plot_retrieval
 from .weights import l2_normalize
 
@@ -119,12 +119,6 @@ def list_labelled_images(
     return [p for p, _ in found], [label for _, label in found]
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for tensor in model.parameters():
-        return tensor.device
-    return torch.device("cpu")
-
-
 def embed_images(
     model: nn.Module,
     images: Sequence[ImageLike],
@@ -140,7 +134,7 @@ def embed_images(
     """
     if batch_size < 1:
         raise InputError(f"batch_size must be a positive number of images, got {batch_size}")
-    device = _model_device(model)
+    device = model_device(model) or torch.device("cpu")
     parts = []
     with preserved_state(model, eval_mode=True), torch.no_grad():
         for start in range(0, len(images), batch_size):
@@ -461,7 +455,7 @@ def explain_matches(
             "(C, H, W) and (k, C, H, W) images of the same size"
         )
     count = matches.shape[0]
-    device = _model_device(attribution.model)
+    device = model_device(attribution.model) or torch.device("cpu")
     queries = query.unsqueeze(0).expand(count, -1, -1, -1).to(device)
     result = attribution.attribute_tuples(
         (queries, matches.to(device)), target=torch.ones(count, dtype=torch.bool)

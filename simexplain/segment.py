@@ -26,6 +26,7 @@ from .attribution import EmbeddingAttribution
 from .errors import InputError, MissingExtraError
 from .layers import LayerSpec
 from .maps import scale_maps, upsample_maps
+from .state import model_device
 
 __all__ = [
     "MissingExtraError",
@@ -136,11 +137,6 @@ def _resized(images: list[Tensor], size: tuple[int, int], channels: int, name: s
     return torch.cat(out)
 
 
-def _model_device(model: nn.Module, fallback: torch.device) -> torch.device:
-    param = next(model.parameters(), None)
-    return fallback if param is None else param.device
-
-
 def similarity_cue(
     model: nn.Module,
     test_image: Tensor,
@@ -172,7 +168,7 @@ def similarity_cue(
         raise InputError(f"test_image has dtype {test.dtype}; convert images to float")
     channels, height, width = test.shape
     size = (height, width) if input_size is None else (int(input_size[0]), int(input_size[1]))
-    device = _model_device(model, test.device)
+    device = model_device(model) or test.device
     support_batch = _resized(_as_batch(supports, "supports"), size, channels, "supports")
     k = support_batch.shape[0]
     slots = [_resized([test], size, channels, "test_image").expand(k, -1, -1, -1), support_batch]

@@ -1,13 +1,15 @@
-"""Leave a model exactly as it was found: train/eval modes, ``requires_grad``, ``.grad``."""
+"""Facts about a model and leaving it as found: modes, ``requires_grad``, ``.grad``, device."""
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Optional
+
+import torch
 
 from torch import nn
 
-__all__ = ["preserved_state"]
+__all__ = ["preserved_state", "model_device"]
 
 
 @contextmanager
@@ -35,3 +37,12 @@ def preserved_state(model: nn.Module, eval_mode: bool = False) -> Iterator[None]
                 p.requires_grad_(flag)
             if p.grad is not grad:
                 p.grad = grad
+
+
+def model_device(model: nn.Module) -> Optional[torch.device]:
+    """The device of the model's first parameter (or buffer); ``None`` when it has neither."""
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return None

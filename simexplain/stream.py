@@ -70,6 +70,7 @@ from torch import Tensor
 from .attribution import EmbeddingAttribution, TupleResult
 from .errors import InputError
 from .files import atomic_write
+from .state import model_device
 from .weights import WeightFn
 
 __all__ = [
@@ -185,7 +186,7 @@ def explain_stream(
             detach_weights=detach_weights,
         ),
         args=additional_forward_args,
-        device=_model_device(attribution) if device == "auto" else device,
+        device=model_device(attribution.model) if device == "auto" else device,
         to_cpu=to_cpu,
     )
 
@@ -330,14 +331,6 @@ def _to_device(x: Any, device: Union[None, str, torch.device]) -> Any:
     device = torch.device(device)
     # non_blocking only host -> device: a device -> host copy must be complete when used
     return x.to(device, non_blocking=device.type != "cpu")
-
-
-def _model_device(attribution: EmbeddingAttribution) -> Optional[torch.device]:
-    for tensor in attribution.model.parameters():
-        return tensor.device
-    for tensor in attribution.model.buffers():
-        return tensor.device
-    return None
 
 
 def _result_to_cpu(result: TupleResult) -> TupleResult:
