@@ -150,9 +150,11 @@ class SimilarityTarget:
 class Setup:
     """Model, inputs, layer and the four callables for one (model, batch) configuration."""
 
-    def __init__(self, model: nn.Module, batch: int, size: int, seed: int, device: torch.device):
+    def __init__(self, model: nn.Module, batch: int, size: int, seed: int, device: torch.device,
+                 chunk_size: Optional[int] = None):
         self.model = model
         self.device = device
+        self.chunk_size = chunk_size  # simexplain's tuples per forward pass (None: its default)
         gen = torch.Generator().manual_seed(seed + batch)
         self.slots = tuple(
             torch.randn(batch, 3, size, size, generator=gen).to(device) for _ in range(3)
@@ -188,10 +190,10 @@ class Setup:
                     return model(images)
 
         elif variant == "simexplain":
-            attr = self.attr
+            attr, chunk_size = self.attr, self.chunk_size
 
             def run():
-                return attr.attribute(slots)
+                return attr.attribute(slots, chunk_size=chunk_size)
 
         elif variant == "gradcam":
             from pytorch_grad_cam import GradCAM
@@ -330,7 +332,8 @@ def memory_worker(spec: dict) -> dict:
     """Runs in a fresh process: peak RSS of ``spec['variant']`` above the baseline."""
     torch.set_num_threads(spec["threads"])
     model = build_model(spec["model"], spec["seed"])
-    setup = Setup(model, spec["batch"], spec["size"], spec["seed"], torch.device("cpu"))
+    setup = Setup(model, spec["batch"], spec["size"], spec["seed"], torch.device("cpu"),
+                  chunk_size=spec.get("chunk_size"))
     run = setup.runner(spec["variant"])
     gc.collect()
     reset = _reset_high_water_mark()

@@ -84,7 +84,8 @@ def explain(
             weights (e.g. ``ResNet50_Weights.DEFAULT``).
         weight_fn: explain a criterion of your own (see :mod:`simexplain.weights`).
         relu: keep only positive evidence (GradCAM's ReLU).
-        chunk_size: tuples per forward pass.
+        chunk_size: tuples per forward pass (default: see
+            :func:`~simexplain.attribution.default_chunk_size`).
 
     Returns:
         An :class:`~simexplain.explanation.Explanation`; ``.plot()`` draws it.

@@ -14,6 +14,7 @@ How a call computes (see the project's METHOD.md, section 1, and notes/speed.md)
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -41,12 +42,17 @@ from .weights import (
     weights_for_kind,
 )
 
-__all__ = ["EmbeddingAttribution", "TupleResult", "tuple_kind"]
+__all__ = ["EmbeddingAttribution", "TupleResult", "default_chunk_size", "tuple_kind"]
 
 TensorOrTuple = Union[Tensor, Sequence[Tensor]]
 
-#: Tuples per forward pass when ``chunk_size`` is not given.
+#: The most tuples per forward pass when ``chunk_size`` is not given.
 DEFAULT_CHUNK_SIZE = 32
+
+#: On a CPU, the default chunk holds about this many input pixels: six 224 x 224 images.
+#: Batches that large keep their activations in cache; whole batches of 224 px images ran up
+#: to 1.8x slower per image (``benchmarks/results/bench_chunking.md``).
+CPU_PIXELS_PER_PASS = 6 * 224 * 224
 
 
 @dataclass
@@ -181,7 +187,10 @@ class EmbeddingAttribution(LayerAttribution, GradientAttribution):
             detach_weights: treat ``w`` as a constant (one backward pass). ``False``
                 also differentiates through ``w``, one backward pass per slot.
             create_graph: build a graph through the maps so they can be trained with.
-            chunk_size: tuples per forward pass (default 32), bounding memory.
+            chunk_size: tuples per forward pass; it bounds memory. Default: up to 32 on
+                an accelerator; on a CPU, as many as hold about six 224 px images (whole
+                large batches run slower there), see
+                :func:`~simexplain.attribution.default_chunk_size`.
 
         Returns:
             One tensor ``(B, 1, h, w)`` per slot.
@@ -214,9 +223,9 @@ class EmbeddingAttribution(LayerAttribution, GradientAttribution):
         slots = check_tuple_inputs(inputs)
         batch = slots[0].shape[0]
         same_class = None if weight_fn is not None else _check_target(target, len(slots), batch)
-        chunk = DEFAULT_CHUNK_SIZE if chunk_size is None else int(chunk_size)
-        if chunk < 1:
-            raise InputError(f"chunk_size must be a positive number of tuples, got {chunk_size}")
+        chunk = _check_chunk_size(chunk_size)
+        if chunk_size is None:
+            chunk = default_chunk_size(slots, batch)
         args = _as_tuple(additional_forward_args)
         # enable_grad: captum's metrics call attribute under no_grad.
         with preserved_state(self.model, eval_mode=self.eval_mode), torch.inference_mode(
@@ -473,6 +482,35 @@ def all_finite(tensor: Tensor) -> bool:
     if bool(torch.isfinite(tensor.sum())):
         return True
     return bool(torch.isfinite(tensor).all())
+
+
+def default_chunk_size(slots: Sequence[Tensor], batch: int) -> int:
+    """Tuples per forward pass when ``chunk_size`` is not given.
+
+    Off the CPU, up to :data:`DEFAULT_CHUNK_SIZE`. On a CPU, as many tuples as hold about
+    :data:`CPU_PIXELS_PER_PASS` input pixels (at least one, at most the same cap). The
+    tuples are then spread evenly over the passes: 32 tuples in chunks of at most 24 run
+    as 16 + 16, not 24 + 8.
+    """
+    limit = DEFAULT_CHUNK_SIZE
+    first = slots[0]
+    if first.device.type == "cpu":
+        pixels = len(slots) * first.shape[-2] * first.shape[-1]
+        limit = max(1, min(limit, CPU_PIXELS_PER_PASS // max(1, pixels)))
+    passes = -(-batch // limit)
+    return -(-batch // passes)
+
+
+def _check_chunk_size(chunk_size: Any) -> int:
+    if chunk_size is None:
+        return DEFAULT_CHUNK_SIZE
+    whole = isinstance(chunk_size, numbers.Integral) and not isinstance(chunk_size, bool)
+    if not whole or chunk_size < 1:
+        raise InputError(
+            f"chunk_size must be a positive number of tuples, got {chunk_size!r}; pass a "
+            "whole number such as 8, or None for the default"
+        )
+    return int(chunk_size)
 
 
 def _check_target(target: Any, num_slots: int, batch: int) -> Optional[Tensor]:

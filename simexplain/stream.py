@@ -152,8 +152,9 @@ def explain_stream(
         target: the pair target used for batches that carry none (e.g. ``True`` when
             every pair is same-class); batch targets take precedence.
         weight_fn: as for :meth:`EmbeddingAttribution.attribute`.
-        chunk_size: tuples per forward pass (default 32); each loader batch is split
-            into forward passes of that many tuples.
+        chunk_size: tuples per forward pass; each loader batch is split into forward
+            passes of at most that many tuples (default: see
+            :func:`~simexplain.attribution.default_chunk_size`).
         additional_forward_args: as for :meth:`EmbeddingAttribution.attribute`.
         relu_attributions: as for :meth:`EmbeddingAttribution.attribute`.
         detach_weights: as for :meth:`EmbeddingAttribution.attribute`.

@@ -19,7 +19,12 @@ def model():
 
 @pytest.mark.parametrize(
     "labels, kind",
-    [([1, 1], "same_pair"), ([1, 2], "different_pair"), ([0, 0, 3], "triplet"), ([5, 5, 1, 2], "quadruplet")],
+    [
+        ([1, 1], "same_pair"),
+        ([1, 2], "different_pair"),
+        ([0, 0, 3], "triplet"),
+        ([5, 5, 1, 2], "quadruplet"),
+    ],
 )
 def test_kind_from_labels(model, labels, kind):
     imgs = torch.randn(len(labels), 3, 64, 64)

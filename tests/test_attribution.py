@@ -11,6 +11,7 @@ from captum.attr import LayerGradCam
 from torch import nn
 
 from simexplain import EmbeddingAttribution, l2_normalize
+from simexplain.attribution import default_chunk_size
 from simexplain.weights import triplet_weights
 
 KINDS = {
@@ -270,3 +271,44 @@ def test_all_finite_fast_path_is_exact():
         assert not all_finite(x.transpose(0, 1))  # non-contiguous views too
     both = torch.tensor([float("inf"), float("-inf")])  # sums to NaN
     assert not all_finite(both)
+
+
+def _slots(batch: int, size: int, count: int = 3, device: str = "cpu") -> list:
+    image = torch.empty(1, 3, size, size, device=device)
+    return [image.expand(batch, -1, -1, -1)] * count
+
+
+@pytest.mark.parametrize(
+    "batch, size, count, device, expected",
+    [
+        (8, 224, 3, "cpu", 2),  # two 224 px triplets per pass: six images
+        (5, 224, 3, "cpu", 2),  # 2 + 2 + 1
+        (1, 1024, 2, "cpu", 1),  # at least one tuple
+        (32, 64, 3, "cpu", 16),  # at most 24 of 64 px, spread: 16 + 16, not 24 + 8
+        (100, 32, 2, "cpu", 25),  # capped at 32, spread over 4 passes
+        (8, 224, 3, "meta", 8),  # off the CPU: up to 32 per pass
+        (100, 224, 4, "meta", 25),
+    ],
+)
+def test_default_chunk_size(batch, size, count, device, expected):
+    assert default_chunk_size(_slots(batch, size, count, device), batch) == expected
+
+
+def test_default_chunks_are_the_forward_passes():
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 8, stride=8), nn.ReLU(), nn.Conv2d(4, 4, 2, stride=2), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+    )
+    attribution = EmbeddingAttribution(model, "2")
+    slots = tuple(torch.rand(5, 3, 224, 224) for _ in range(3))
+    attribution.attribute(slots[:1] * 3)  # finds the layer (a probe pass) before counting
+    sizes = []
+    handle = model.register_forward_hook(lambda m, i, o: sizes.append(i[0].shape[0]))
+    try:
+        maps = attribution.attribute(slots)
+    finally:
+        handle.remove()
+    assert sizes == [6, 6, 3]  # chunks of 2, 2 and 1 triplets
+    whole = attribution.attribute(slots, chunk_size=5)
+    for a, b in zip(maps, whole):
+        assert_maps_close(a, b)

@@ -30,7 +30,9 @@ def test_make_shapes_is_deterministic_and_balanced():
     assert not torch.equal(x, make_shapes(10, num_classes=4, image_size=32, seed=4)[0])
 
 
-@pytest.mark.parametrize("kind, count", [("same_pair", 2), ("different_pair", 2), ("triplet", 3), ("quadruplet", 4)])
+@pytest.mark.parametrize(
+    "kind, count", [("same_pair", 2), ("different_pair", 2), ("triplet", 3), ("quadruplet", 4)]
+)
 def test_sample_tuples_respect_their_kind(kind, count):
     labels = torch.arange(5).repeat_interleave(4)
     tuples = sample_tuples(labels, kind, 50, torch.Generator().manual_seed(0))
@@ -54,7 +56,8 @@ def _write_idx(path, array):
 def test_load_fashion_mnist_from_idx_files(tmp_path):
     rng = np.random.default_rng(0)
     for split, count in (("train", 6), ("t10k", 3)):
-        _write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (count, 28, 28)))
+        images = rng.integers(0, 256, (count, 28, 28))
+        _write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", images)
         _write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", np.arange(count) % 10)
     assert fashion_mnist_available(str(tmp_path))
     x, y = load_fashion_mnist(str(tmp_path), train=True, limit=4)
@@ -69,7 +72,9 @@ def test_load_fashion_mnist_missing_names_the_package(tmp_path):
         load_fashion_mnist(str(tmp_path))
 
 
-@pytest.mark.skipif(not fashion_mnist_available(), reason="Debian's dataset-fashion-mnist not installed")
+@pytest.mark.skipif(
+    not fashion_mnist_available(), reason="Debian's dataset-fashion-mnist not installed"
+)
 def test_real_fashion_mnist():
     x, y = load_fashion_mnist(train=False, limit=100)
     assert x.shape == (100, 1, 28, 28) and y.max() <= 9

@@ -228,9 +228,9 @@ def test_weight_fn_wrong_shape(model, attr):
         attr.attribute(images(3), weight_fn=lambda a, p, n: 1.0)
 
 
-@pytest.mark.parametrize("chunk_size", [0, -1])
-def test_chunk_size_not_positive(model, attr, chunk_size):
-    match = rf"chunk_size must be a positive number of tuples, got {chunk_size}"
+@pytest.mark.parametrize("chunk_size", [0, -1, 2.5, "4", True])
+def test_chunk_size_not_a_positive_whole_number(model, attr, chunk_size):
+    match = rf"chunk_size must be a positive number of tuples, got {re.escape(repr(chunk_size))}"
     with raises(model, InputError, match):
         attr.attribute(images(3), chunk_size=chunk_size)
     with raises(model, InputError, match):

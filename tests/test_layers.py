@@ -88,8 +88,12 @@ def test_explicit_overrides():
         return t[:, 1:].transpose(1, 2).reshape(t.shape[0], 8, 4, 4)
 
     custom = EmbeddingAttribution(model, "block", reshape_transform=drop_and_grid)
-    again = custom.attribute(tuple(torch.randn(3, 1, 3, 32, 32, generator=torch.Generator().manual_seed(0))))
-    same = attr.attribute(tuple(torch.randn(3, 1, 3, 32, 32, generator=torch.Generator().manual_seed(0))))
+
+    def triplet():
+        return tuple(torch.randn(3, 1, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+
+    again = custom.attribute(triplet())
+    same = attr.attribute(triplet())
     for a, b in zip(again, same):
         torch.testing.assert_close(a, b)
 

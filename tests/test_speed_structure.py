@@ -79,7 +79,9 @@ def parameter_gradient_watch(model: nn.Module):
     for p in model.parameters():
         if not p.requires_grad:
             continue
-        handles.append(p.register_hook(lambda g: events.__setitem__("computed", events["computed"] + 1)))
+        handles.append(
+            p.register_hook(lambda g: events.__setitem__("computed", events["computed"] + 1))
+        )
         handles.append(
             p.register_post_accumulate_grad_hook(
                 lambda p: events.__setitem__("accumulated", events["accumulated"] + 1)

@@ -166,7 +166,8 @@ def test_shards_written_and_readable(attr, tmp_path, file_format):
     assert files == ["manifest.json"] + [f"shard-{i:06d}{suffix}" for i in range(4)]
     manifest = read_manifest(tmp_path / "maps")
     assert manifest["complete"] is True and manifest["num_tuples"] == 10
-    assert [(s["start"], s["count"]) for s in manifest["shards"]] == [(0, 3), (3, 3), (6, 3), (9, 1)]
+    shards = [(s["start"], s["count"]) for s in manifest["shards"]]
+    assert shards == [(0, 3), (3, 3), (6, 3), (9, 1)]
     assert manifest["kind"] == "triplet" and manifest["layer"] == "features"
     loaded = load_maps(tmp_path / "maps")
     assert sorted(loaded) == ["embeddings", "index", "maps", "scores"]

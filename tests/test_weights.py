@@ -35,7 +35,8 @@ def test_triplet_and_quadruplet_by_hand():
     fp = torch.tensor([[0.8, 0.6]])
     fn = torch.tensor([[0.0, 1.0]])
     fn2 = torch.tensor([[-1.0, 0.0]])
-    torch.testing.assert_close(W.triplet_weights(fa, fp, fn), torch.tensor([[0.8 * 1.0, 0.4 * 1.0]]))
+    expected = torch.tensor([[0.8 * 1.0, 0.4 * 1.0]])
+    torch.testing.assert_close(W.triplet_weights(fa, fp, fn), expected)
     torch.testing.assert_close(
         W.quadruplet_weights(fa, fp, fn, fn2), torch.tensor([[0.8 * 1.0 * 2.0, 0.4 * 1.0 * 0.0]])
     )
