@@ -29,6 +29,7 @@ import os
 import platform
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Optional
 
@@ -49,14 +50,12 @@ def default_chunks(batch: int) -> list[int]:
 
 def measure(model_name: str, model, batch: int, chunks: list[int], args,
             device: torch.device) -> list[dict]:
-    setups = {k: be.Setup(model, batch, args.size, args.seed, device, chunk_size=k)
-              for k in chunks}
-    any_setup = next(iter(setups.values()))
-    runners: dict[Any, Any] = {"forward": any_setup.runner("forward")}
-    runners.update({k: s.runner("simexplain") for k, s in setups.items()})
+    setup = be.Setup(model, batch, args.size, args.seed, device)
+    runners: dict[Any, Any] = {"forward": setup.runner("forward")}
+    runners.update({k: partial(setup.attr.attribute, setup.slots, chunk_size=k) for k in chunks})
     # the plain forward cut into the same chunks: on a CPU, smaller batches can be faster
     # per image (cache), so this separates the effect of chunking from that of explaining
-    chunked_forwards = {("forward", k): chunked_forward(model, any_setup.slots, k)
+    chunked_forwards = {("forward", k): chunked_forward(model, setup.slots, k)
                         for k in chunks if k < batch}
 
     mem: dict[Any, Optional[float]] = {}
@@ -71,7 +70,7 @@ def measure(model_name: str, model, batch: int, chunks: list[int], args,
             print(f"  memory {key!s:>8}: " + (res["error"] if "error" in res
                                                else f"+{res['peak_mib']:.0f} MiB"), flush=True)
     elif device.type == "cuda":
-        mem = {key: be.cuda_peak(run, any_setup.cleanup) for key, run in runners.items()}
+        mem = {key: be.cuda_peak(run, setup.cleanup) for key, run in runners.items()}
 
     runners.update(chunked_forwards)
     keys = list(runners)
@@ -87,7 +86,7 @@ def measure(model_name: str, model, batch: int, chunks: list[int], args,
         t = be.median(times[k])
         t_chunked = be.median(times.get(("forward", k), times["forward"]))
         rows.append({
-            "model": model_name, "layer": any_setup.layer.name, "device": device.type,
+            "model": model_name, "layer": setup.layer.name, "device": device.type,
             "batch": batch, "chunk": k, "t_forward": t_forward, "t_ours": t,
             "t_forward_chunked": t_chunked, "time_b_a": be.ratio(t, t_forward),
             "time_b_ak": be.ratio(t, t_chunked), "mem_forward": m_forward,

@@ -352,12 +352,14 @@ def memory_worker(spec: dict) -> dict:
     }
 
 
-def measure_memory(spec: dict, timeout: float) -> dict:
+def measure_memory(spec: dict, timeout: float, script: Optional[Path] = None) -> dict:
+    """Run ``script --worker SPEC`` (default: this file) in a fresh process; its result."""
     env = dict(os.environ)
     env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
     env.setdefault("MALLOC_TRIM_THRESHOLD_", "131072")
     env["OMP_NUM_THREADS"] = str(spec["threads"])
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+    script = Path(__file__) if script is None else script
+    cmd = [sys.executable, str(script.resolve()), "--worker", json.dumps(spec)]
     if os.path.exists("/bin/sh"):
         # Linux keeps the largest RSS a process had across exec, so a child exec'd straight
         # from this (large) process would start with our ru_maxrss. A small shell that forks

@@ -39,8 +39,6 @@ import argparse
 import datetime as _dt
 import os
 import platform
-import re
-import resource
 import shutil
 import statistics
 import sys
@@ -60,8 +58,15 @@ except ImportError:  # running from a checkout without installing it
     sys.path.insert(0, str(ROOT))
 
 from simexplain import EmbeddingAttribution  # noqa: E402
-from simexplain.files import atomic_write  # noqa: E402
 from simexplain.stream import MapWriter, explain_stream, load_maps, read_manifest  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_explain import (  # noqa: E402  (shared measurement helpers)
+    _maxrss_kib,
+    _reset_high_water_mark,
+    _status_kib,
+    atomic_write_text,
+)
 
 MIB = 1024.0
 
@@ -96,24 +101,12 @@ def build_model(name: str) -> nn.Module:
 
 
 def rss_mib() -> Optional[float]:
-    try:
-        m = re.search(r"^VmRSS:\s+(\d+)\s+kB", Path("/proc/self/status").read_text(), re.M)
-    except OSError:
-        return None
-    return int(m.group(1)) / MIB if m else None
+    kib = _status_kib("VmRSS")
+    return None if kib is None else kib / MIB
 
 
 def maxrss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / MIB
-
-
-def reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+    return _maxrss_kib() / MIB
 
 
 def reference_rate(
@@ -127,11 +120,6 @@ def reference_rate(
         attr.attribute_tuples(slots, chunk_size=chunk)
         times.append(time.perf_counter() - t0)
     return slots[0].shape[0] / statistics.median(times), times
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
 
 
 def parse_args(argv=None):
@@ -182,7 +170,7 @@ def main(argv=None) -> int:
     maps_dir = args.maps_dir or Path(tempfile.mkdtemp(prefix="bench_stream_"))
     writer = MapWriter(maps_dir, shard_size=args.shard_size, fields=("maps", "scores"),
                        overwrite=True)
-    peak_reset = reset_peak()
+    peak_reset = _reset_high_water_mark()
     rss_start, peak_start = rss_mib(), maxrss_mib()
     tenth = max(1, args.tuples // 10)
     samples: list[tuple[int, float, Optional[float]]] = []  # (tuples done, peak, rss)

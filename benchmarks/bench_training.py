@@ -43,7 +43,6 @@ import gc
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -54,6 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_explain  # noqa: E402
 from bench_explain import (  # noqa: E402  (shared measurement helpers)
     ROOT,
     _maxrss_kib,
@@ -152,21 +152,11 @@ def memory_worker(spec: dict) -> dict:
 
 
 def measure_memory(spec: dict, timeout: float = 900.0) -> Optional[float]:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072",
-               OMP_NUM_THREADS=str(spec["threads"]))
-    worker = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
-    # a shell that forks (not execs) the worker: exec would carry our ru_maxrss over
-    command = ["/bin/sh", "-c", '"$@"; exit $?', "sh", *worker]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        print(f"  memory {spec['variant']}: timed out", flush=True)
+    result = bench_explain.measure_memory(spec, timeout, script=Path(__file__))
+    if "error" in result:
+        print(f"  memory {spec['variant']}: {result['error']}", flush=True)
         return None
-    for line in done.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])["peak_mib"]
-    print(f"  memory {spec['variant']} failed: {done.stderr.strip()[-300:]}", flush=True)
-    return None
+    return result["peak_mib"]
 
 
 def cuda_peak_mib(run: Callable[[], Any]) -> float:

@@ -223,9 +223,10 @@ class EmbeddingAttribution(LayerAttribution, GradientAttribution):
         slots = check_tuple_inputs(inputs)
         batch = slots[0].shape[0]
         same_class = None if weight_fn is not None else _check_target(target, len(slots), batch)
-        chunk = _check_chunk_size(chunk_size)
         if chunk_size is None:
             chunk = default_chunk_size(slots, batch)
+        else:
+            chunk = _check_chunk_size(chunk_size)
         args = _as_tuple(additional_forward_args)
         # enable_grad: captum's metrics call attribute under no_grad.
         with preserved_state(self.model, eval_mode=self.eval_mode), torch.inference_mode(
@@ -502,8 +503,6 @@ def default_chunk_size(slots: Sequence[Tensor], batch: int) -> int:
 
 
 def _check_chunk_size(chunk_size: Any) -> int:
-    if chunk_size is None:
-        return DEFAULT_CHUNK_SIZE
     whole = isinstance(chunk_size, numbers.Integral) and not isinstance(chunk_size, bool)
     if not whole or chunk_size < 1:
         raise InputError(
