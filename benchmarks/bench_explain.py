@@ -94,9 +94,9 @@ except ImportError:  # running from a checkout without installing it
     sys.path.insert(0, str(ROOT))
 
 from simexplain import EmbeddingAttribution  # noqa: E402
-from simexplain.files import atomic_write  # noqa: E402
-from simexplain.layers import FeatureLayer, to_spatial  # noqa: E402
-from simexplain.weights import l2_normalize, triplet_weights  # noqa: E402
+from simexplain._files import atomic_write  # noqa: E402
+from simexplain.engine import FeatureLayer, to_spatial  # noqa: E402
+from simexplain.methods.criteria import triplet_weights  # noqa: E402
 
 MODELS = {
     "resnet50": "torchvision resnet50, fc=Identity (2048-d)",
@@ -144,7 +144,7 @@ class SimilarityTarget:
         self.weight = weight
 
     def __call__(self, output: Tensor) -> Tensor:
-        return (self.weight * l2_normalize(output)).sum()
+        return (self.weight * F.normalize(output, dim=-1)).sum()
 
 
 class Setup:
@@ -175,7 +175,7 @@ class Setup:
         if self._w_images is None:
             batch = self.slots[0].shape[0]
             with torch.no_grad():
-                f = l2_normalize(self.model(self.images)).reshape(3, batch, -1)
+                f = F.normalize(self.model(self.images), dim=-1).reshape(3, batch, -1)
             w = triplet_weights(f[0], f[1], f[2])  # (B, d)
             self._w_images = w.repeat(3, 1).contiguous()  # image j belongs to tuple j % B
         return self._w_images
@@ -213,7 +213,7 @@ class Setup:
             w_images = self.w_images
 
             def scores(x):
-                return (w_images * l2_normalize(model(x))).sum(dim=-1)
+                return (w_images * F.normalize(model(x), dim=-1)).sum(dim=-1)
 
             gradcam = LayerGradCam(scores, layer.module)
 

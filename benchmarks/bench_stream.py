@@ -58,7 +58,8 @@ except ImportError:  # running from a checkout without installing it
     sys.path.insert(0, str(ROOT))
 
 from simexplain import EmbeddingAttribution  # noqa: E402
-from simexplain.stream import MapWriter, explain_stream, load_maps, read_manifest  # noqa: E402
+from simexplain.apps.map_store import MapWriter, load_maps, read_manifest  # noqa: E402
+from simexplain.apps.stream import explain_stream  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_explain import (  # noqa: E402  (shared measurement helpers)

@@ -67,7 +67,7 @@ from bench_explain import (  # noqa: E402  (shared measurement helpers)
 )
 
 from simexplain.demo import SmallEmbeddingNet  # noqa: E402
-from simexplain.mining import SAMLoss, frozen_norm_statistics  # noqa: E402
+from simexplain.training import SAMLoss, frozen_norm_statistics  # noqa: E402
 
 VARIANTS = ("plain", "double", "sam")
 TARGET = 2.3

@@ -38,9 +38,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from simexplain import EmbeddingAttribution, explain  # noqa: E402
-from simexplain.attribution import check_tuple_inputs  # noqa: E402
-from simexplain.files import atomic_write  # noqa: E402
-from simexplain.maps import scale_maps, upsample_maps  # noqa: E402
+from simexplain.engine import check_tuple_inputs  # noqa: E402
+from simexplain._files import atomic_write  # noqa: E402
+from simexplain.engine import scale_maps, upsample_maps  # noqa: E402
 
 
 def timed(fn, repeats: int) -> list[float]:

@@ -38,9 +38,9 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 from simexplain.data import sample_tuples
-from simexplain.demo import SmallEmbeddingNet, embed, recall_at_1
-from simexplain.files import atomic_write
-from simexplain.maps import scale_maps, upsample_maps
+from simexplain.demo import SmallEmbeddingNet, embed
+from simexplain._files import atomic_write
+from simexplain.engine import scale_maps, upsample_maps
 from simexplain.methods import get_method, train_pair_head
 from simexplain.metrics import (
     deletion_auc,
@@ -48,9 +48,10 @@ from simexplain.metrics import (
     insertion_auc,
     pointing_game,
     randomization_sanity,
+    recall_at_k,
 )
-from simexplain.mining import SAMLoss
-from simexplain.scenes import Scenes, make_scenes
+from simexplain.training import SAMLoss
+from simexplain.data import Scenes, make_scenes
 from simexplain.viz import draw_overlay, save_figure
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -219,7 +220,7 @@ def run_seed(seed: int, args: argparse.Namespace) -> tuple[SeedResult, Scenes, T
         tic = time.perf_counter()
         model = train_embedding(train.images, train_labels, gamma, args, seed)
         head = train_head(model, train.images, train_labels, seed)
-        recall[training] = recall_at_1(embed(model, test.images), test_labels)
+        recall[training] = recall_at_k(embed(model, test.images), test_labels, ks=(1,))[1]
         trained = time.perf_counter() - tic
         for kind, index in indices.items():
             tuples = [test.images[index[:, slot]] for slot in range(index.shape[1])]

@@ -57,11 +57,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_explain import cpu_name  # noqa: E402
 
 from simexplain.data import sample_tuples  # noqa: E402
-from simexplain.datasets import fashion_mnist_split  # noqa: E402
+from simexplain.data import fashion_mnist_split  # noqa: E402
 from simexplain.demo import SmallEmbeddingNet, embed  # noqa: E402
-from simexplain.evaluation import recall_at_k  # noqa: E402
-from simexplain.files import atomic_write  # noqa: E402
-from simexplain.mining import SAMLoss  # noqa: E402
+from simexplain.metrics import recall_at_k  # noqa: E402
+from simexplain._files import atomic_write  # noqa: E402
+from simexplain.training import SAMLoss  # noqa: E402
 
 KINDS = ("siamese", "triplet", "quadruplet")
 KS = (1, 2, 4)

@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 
 from simexplain.demo import SmallEmbeddingNet, train_triplet
-from simexplain.files import atomic_write
-from simexplain.scenes import make_scenes
-from simexplain.segment import binary_iou, segment
+from simexplain._files import atomic_write
+from simexplain.data import make_scenes
+from simexplain.apps.segmentation import binary_iou, segment
 
 RESULTS = Path(__file__).resolve().parent / "results" / "segmentation.md"
 SETTINGS = (("1-way", 1), ("1-way", 5), ("2-way", 1), ("2-way", 5))

@@ -4,7 +4,7 @@
 The labels decide what is explained: two equal labels ask what makes a pair *similar*,
 two different labels what sets it *apart*; a triplet (anchor, positive, negative) and a
 quadruplet (with a second negative) ask what makes the anchor nearer its positive than
-its negatives. The weight vector ``w`` of each kind is in :mod:`simexplain.weights`.
+its negatives. The weight vector ``w`` of each kind is in :mod:`simexplain.methods.criteria`.
 """
 
 # %%

@@ -17,7 +17,7 @@ from captum.metrics import infidelity, infidelity_perturb_func_decorator, sensit
 from simexplain import EmbeddingAttribution, TupleScore, maps_to_input_shape, visualize_map
 from simexplain.data import sample_tuples
 from simexplain.demo import trained_demo_model
-from simexplain.maps import scale_maps, upsample_maps
+from simexplain.engine import scale_maps, upsample_maps
 
 model, data = trained_demo_model()  # the demo's CNN on generated shapes (cached)
 images, labels = data.test_images, data.test_labels

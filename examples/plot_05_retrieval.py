@@ -3,7 +3,7 @@
 
 Retrieval ranks a gallery by cosine similarity to a query. For each of the top matches,
 a same-class pair explanation shows what in the query and in the match made the model
-put them close. :mod:`simexplain.retrieval` has the pieces: :func:`~simexplain.rank_gallery`
+put them close. :mod:`simexplain.apps.retrieval` has the pieces: :func:`~simexplain.rank_gallery`
 (exact cosine ranking in torch), :func:`~simexplain.explain_matches` (pair maps for a
 query and its matches) and :func:`~simexplain.plot_retrieval`. For folders of image
 files, ``simexplain explain-dir QUERIES --gallery DIR --model ...`` does all of it from

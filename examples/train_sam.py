@@ -17,7 +17,7 @@ Data: Fashion-MNIST from ``/usr/share/datasets/fashion-mnist`` (Debian package
 download=True)`` and ``--fashion-root <root>/FashionMNIST/raw``), classes 0-4 train and 5-9
 test, at 32 px; the generated shapes dataset when it is missing. ``--data cub200``,
 ``cars196`` or ``sop`` with ``--root`` reads those benchmarks from their usual folders
-(:mod:`simexplain.datasets`). About 1-2 minutes on two CPU cores with the defaults;
+(:mod:`simexplain.data.retrieval_benchmarks`). About 1-2 minutes on two CPU cores with the defaults;
 ``--quick`` runs in seconds. Run ``python examples/train_sam.py --help`` for the options.
 
 One run of each model says little: at this scale the two differ by about as much as two
@@ -40,10 +40,10 @@ from simexplain.data import (
     sample_tuples,
     to_rgb,
 )
-from simexplain.datasets import fashion_mnist_split, load_images, load_split
+from simexplain.data import fashion_mnist_split, load_images, load_split
 from simexplain.demo import SmallEmbeddingNet, embed
-from simexplain.evaluation import recall_at_k
-from simexplain.mining import SAMLoss
+from simexplain.metrics import recall_at_k
+from simexplain.training import SAMLoss
 from simexplain.viz import plot_explanations, save_figure
 
 parser = argparse.ArgumentParser(description="Train with and without similarity mining.")
@@ -108,7 +108,7 @@ print(f"{len(train_images)} training images of {len(train_labels.unique())} clas
 # Training: the same loop, with ``gamma = 0`` and with ``gamma = 0.25``
 # ----------------------------------------------------------------------
 #
-# :class:`~simexplain.mining.SAMLoss` takes the model, any metric-learning loss and
+# :class:`~simexplain.training.SAMLoss` takes the model, any metric-learning loss and
 # ``gamma``; called on ``(anchor, positive, negative)`` image batches it runs the training
 # forward, the differentiable maps of the explained layer, the masked forward and both loss
 # terms. ``gamma = 0`` is the plain metric loss, without the mining pass.

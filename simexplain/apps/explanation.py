@@ -1,0 +1,206 @@
+"""``explain``, the one call most users make, and the :class:`Explanation` it returns.
+
+Images go in as files, PIL images or tensors; the paper's SAM maps of the tuple come
+out, upsampled to the images and scaled to [0, 1], with each image's score, the weight
+vector and the embeddings. ``Explanation.plot()`` draws them (matplotlib is imported only
+then).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from ..data.preprocessing import ImageLike, preprocess_images, resolve_preprocessing
+from ..engine.engine import SimilarityEngine
+from ..engine.maps import image_maps
+from ..engine.state import model_device, model_dtype
+from ..engine.target_layer import LayerSpec
+from ..engine.tuples import ROLES, check_labels
+from ..errors import InputError
+from ..methods.criteria import WeightFn
+from ..methods.sam import SAMScore
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["Explanation", "explain"]
+
+
+@dataclass
+class Explanation:
+    """Maps, scores and weights for ``B`` tuples of ``T`` images.
+
+    Attributes:
+        images: ``(B, T, C, H, W)`` the model inputs.
+        kind: ``"same_pair"``, ``"different_pair"``, ``"pair"`` (a mix of both),
+            ``"triplet"``, ``"quadruplet"`` or ``"custom"``.
+        raw_maps: ``(B, T, h, w)`` maps at the layer's resolution.
+        maps: ``(B, T, H, W)`` maps upsampled to the images and scaled to [0, 1].
+        scores: ``(B, T)`` each image's score ``s_i = w . f_i``.
+        weights: ``(B, d)`` the weight vector ``w`` of each tuple.
+        embeddings: ``(B, T, d)`` L2-normalised embeddings.
+        labels: ``(B, T)`` the labels given, if any.
+        layer: the name of the layer explained.
+        mean, std: the normalisation of ``images``, used to display them.
+    """
+
+    images: Tensor
+    kind: str
+    raw_maps: Tensor
+    maps: Tensor
+    scores: Tensor
+    weights: Tensor
+    embeddings: Tensor
+    labels: Optional[Tensor] = None
+    layer: str = ""
+    mean: Optional[Sequence[float]] = None
+    std: Optional[Sequence[float]] = None
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        """The role of each slot: ``("anchor", "positive", "negative")`` for triplets."""
+        count = self.images.shape[1]
+        return ROLES.get(self.kind, tuple(f"image {i + 1}" for i in range(count)))[:count]
+
+    def plot(
+        self, indices: Optional[Sequence[int]] = None, cmap: str = "jet", alpha: float = 0.5
+    ) -> "Figure":
+        """A figure with one row per tuple: each image, its map overlaid, role and score."""
+        from ..viz.figures import plot_explanation
+
+        return plot_explanation(self, indices=indices, cmap=cmap, alpha=alpha)
+
+    def save(self, path: "str | os.PathLike[str]", dpi: int = 150) -> str:
+        """Write :meth:`plot` to ``path`` atomically (format from the extension)."""
+        from ..viz.figures import save_figure
+
+        return save_figure(self.plot(), path, dpi=dpi)
+
+    def __repr__(self) -> str:
+        batch, count = self.images.shape[:2]
+        return (
+            f"Explanation(kind={self.kind!r}, tuples={batch}, images_per_tuple={count}, "
+            f"layer={self.layer!r}, scores={self.scores.tolist()})"
+        )
+
+
+Images = Union[Tensor, Sequence[Union[Tensor, ImageLike]]]
+
+
+def _as_batch(model: nn.Module, imgs: Images, transform: Any) -> tuple[Tensor, Any]:
+    """``(B, T, C, H, W)`` inputs and the preprocessing used (``None`` for tensors)."""
+    if isinstance(imgs, Tensor):
+        if imgs.dim() == 4:
+            return imgs.unsqueeze(0), None
+        if imgs.dim() == 5:
+            return imgs, None
+        raise InputError(
+            f"imgs has shape {tuple(imgs.shape)}; pass (T, C, H, W) for one tuple or "
+            "(B, T, C, H, W) for a batch of tuples"
+        )
+    if not isinstance(imgs, (list, tuple)) or not imgs:
+        raise InputError(
+            "imgs must be a tensor (T, C, H, W) or (B, T, C, H, W), or a list of "
+            f"image paths or PIL images; got {type(imgs).__name__}"
+        )
+    if all(isinstance(x, Tensor) for x in imgs):
+        if any(x.dim() != 3 for x in imgs):
+            raise InputError("a list of tensors must hold single images (C, H, W)")
+        if len({tuple(x.shape) for x in imgs}) != 1:
+            raise InputError(
+                f"the images have different shapes {[tuple(x.shape) for x in imgs]}; "
+                "resize them to one size"
+            )
+        return torch.stack(list(imgs)).unsqueeze(0), None
+    preprocessing = resolve_preprocessing(model, transform)
+    return preprocess_images(imgs, preprocessing).unsqueeze(0), preprocessing
+
+
+def explain(
+    model: nn.Module,
+    imgs: Images,
+    labels: Any = None,
+    layer: LayerSpec = None,
+    *,
+    transform: Any = None,
+    weight_fn: Optional[WeightFn] = None,
+    relu: bool = True,
+    chunk_size: Optional[int] = None,
+) -> Explanation:
+    """Explain why ``model`` embeds the images of a tuple close together or far apart.
+
+    Args:
+        model: maps images ``(N, C, H, W)`` to embeddings ``(N, d)``.
+        imgs: one tuple as a tensor ``(T, C, H, W)``, a batch of tuples
+            ``(B, T, C, H, W)``, or a list of ``T`` image paths / PIL images (then
+            preprocessed like the model expects: ``transform``, timm's data config, or
+            ImageNet defaults).
+        labels: class labels ``(T,)`` or ``(B, T)``. Two equal labels make a
+            same-class pair, two different ones a different-class pair; three make a
+            triplet (anchor, positive, negative), four a quadruplet. Optional for
+            triplets and quadruplets, whose roles follow from their positions.
+        layer: the layer to explain; ``None`` finds the last spatial layer.
+        transform: preprocessing for paths / PIL images: a callable or torchvision
+            weights (e.g. ``ResNet50_Weights.DEFAULT``).
+        weight_fn: explain a criterion of your own (see :mod:`simexplain.methods.criteria`).
+        relu: keep only positive evidence (GradCAM's ReLU).
+        chunk_size: tuples per forward pass (default: see
+            :func:`~simexplain.engine.default_chunk_size`).
+
+    Returns:
+        An :class:`Explanation`; ``.plot()`` draws it.
+
+    Example:
+        >>> import torch, torchvision
+        >>> from simexplain import explain
+        >>> model = torchvision.models.resnet18(num_classes=32)
+        >>> imgs = torch.randn(3, 3, 64, 64)          # anchor, positive, negative
+        >>> exp = explain(model, imgs, labels=[0, 0, 1])
+        >>> exp.kind, tuple(exp.maps.shape)
+        ('triplet', (1, 3, 64, 64))
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    batch_images, preprocessing = _as_batch(model, imgs, transform)
+    batch, count = batch_images.shape[:2]
+    if not 2 <= count <= 4:
+        raise InputError(
+            f"a tuple holds {count} image(s); explain takes 2 (pair), 3 (triplet) or "
+            "4 (quadruplet) images per tuple"
+        )
+    target = None
+    checked = None
+    if labels is not None:
+        checked = check_labels(labels, batch, count)
+        if count == 2:
+            target = checked[:, 0] == checked[:, 1]
+    elif count == 2 and weight_fn is None:
+        raise InputError(
+            "a pair needs labels, e.g. labels=[3, 3] for a same-class pair or [3, 5] for a "
+            "different-class pair, so that simexplain knows what to explain"
+        )
+    device = model_device(model) or torch.device("cpu")
+    dtype = model_dtype(model) or batch_images.dtype
+    slots = batch_images.to(device=device, dtype=dtype).unbind(1)
+    score = SAMScore(target, weight_fn=weight_fn)
+    result = SimilarityEngine(model, layer).attribute(slots, score, relu=relu,
+                                                       chunk_size=chunk_size)
+    maps = image_maps(result.maps, batch_images.shape[-2:])
+    return Explanation(
+        images=batch_images.detach().cpu(),
+        kind=result.kind,
+        raw_maps=result.maps.cpu(),
+        maps=maps.cpu(),
+        scores=result.scores.cpu(),
+        weights=result.weights.cpu(),
+        embeddings=result.embeddings.cpu(),
+        labels=None if checked is None else checked.cpu(),
+        layer=result.layer,
+        mean=None if preprocessing is None else preprocessing.mean,
+        std=None if preprocessing is None else preprocessing.std,
+    )

@@ -1,0 +1,295 @@
+"""A static HTML report of explained retrieval: one card per query with its top-k matches.
+
+:func:`retrieval_report` ranks a gallery for each query and explains every (query, match)
+pair twice: with SAM maps (what in each image makes the pair similar) and, for models
+whose embedding is a linear function of globally average pooled features, with Zhu et
+al.'s point-to-point maps ``S(p, q)``
+(:meth:`~simexplain.methods.PointSpecific.point_to_point`).
+:meth:`RetrievalReport.write` turns the result into a folder that any browser opens
+from disk, with no server and no network: ``index.html`` with inline CSS and vanilla
+JavaScript (the templates of :mod:`simexplain.apps.report.page`), the images and map
+overlays as small JPEG files under ``images/``, and the point maps as JSON inside the
+page. Clicking a point of a query highlights, on each
+match, where that match resembles that point.
+
+Labels come from class folders (``gallery/cat/1.jpg``); when a query and a match both
+have one, the match is marked correct (same label) or incorrect.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..._progress import progress_bar
+from ...attribution.embedding_attribution import EmbeddingAttribution
+from ...data.preprocessing import Preprocessing, preprocess_images, resolve_preprocessing
+from ...engine.state import model_device
+from ...engine.target_layer import LayerSpec
+from ...errors import InputError, LayerError, ModelOutputError
+from ...methods.decomposition import PointSpecific
+from ..gallery import embed_gallery, embed_images
+from ..retrieval import explain_matches, rank_gallery
+from .page import MARKER_FILE, write_report_files
+
+__all__ = ["ReportMatch", "ReportCard", "RetrievalReport", "retrieval_report",
+           "check_report_destination", "MARKER_FILE"]
+
+
+@dataclass
+class ReportMatch:
+    """One retrieved gallery image and the maps of its pair with the query.
+
+    Attributes:
+        path: the gallery file.
+        label: its class folder name, or ``None``.
+        similarity: cosine similarity to the query.
+        image: ``(C, H, W)`` the match as the model saw it.
+        match_map: ``(H, W)`` the match's SAM map in [0, 1].
+        query_map: ``(H, W)`` the query's SAM map for this match, in [0, 1].
+        point_maps: ``(h, w, h', w')`` point-to-point similarity ``S(p, q)`` between
+            query cell ``p`` and match cell ``q`` (sums to ``similarity``), or ``None``.
+    """
+
+    path: Path
+    label: Optional[str]
+    similarity: float
+    image: Tensor
+    match_map: Tensor
+    query_map: Tensor
+    point_maps: Optional[Tensor] = None
+
+
+@dataclass
+class ReportCard:
+    """A query and its matches, best first."""
+
+    path: Path
+    label: Optional[str]
+    image: Tensor
+    matches: list[ReportMatch]
+
+    @property
+    def correct(self) -> list[Optional[bool]]:
+        """Per match: same label as the query, or ``None`` where a label is missing."""
+        return [
+            None if self.label is None or m.label is None else m.label == self.label
+            for m in self.matches
+        ]
+
+
+@dataclass
+class RetrievalReport:
+    """Explained retrieval for a set of queries; :meth:`write` makes the HTML report.
+
+    Attributes:
+        cards: one :class:`ReportCard` per query.
+        mean, std: the normalisation of the images, to display them.
+        point_maps_note: why point maps are missing (empty when they are there).
+        title: the page title.
+    """
+
+    cards: list[ReportCard]
+    mean: Optional[Sequence[float]] = None
+    std: Optional[Sequence[float]] = None
+    point_maps_note: str = ""
+    title: str = "simexplain retrieval report"
+    _colormap: str = field(default="jet", repr=False)
+
+    def write(self, out: "str | os.PathLike[str]", *, replace: bool = True) -> Path:
+        """Write the report folder ``out`` (``index.html`` and ``images/``) atomically.
+
+        The folder is built next to ``out`` under a temporary name and renamed into
+        place, so ``out`` never holds half a report. An existing report folder (one
+        this function wrote) is replaced when ``replace`` is true; any other existing
+        non-empty folder, or a file, is an :class:`InputError`.
+
+        Returns:
+            the path of ``index.html``.
+        """
+        out = Path(out)
+        check_report_destination(out, replace)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        building = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        try:
+            building.chmod(0o755)  # mkdtemp's folder is private; a report is meant to be shared
+            write_report_files(self, building)
+            _swap_into_place(building, out)
+        except BaseException:
+            shutil.rmtree(building, ignore_errors=True)
+            raise
+        return out / "index.html"
+
+
+def check_report_destination(out: Path, replace: bool = True) -> None:
+    """Raise :class:`InputError` unless ``out`` may receive a report folder."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"report destination {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / MARKER_FILE).is_file():
+            raise InputError(
+                f"{out} already holds files that are not a simexplain report; choose an "
+                "empty or new folder"
+            )
+        if not replace:
+            raise InputError(f"{out} already holds a report and replace=False")
+
+
+def _swap_into_place(building: Path, out: Path) -> None:
+    """Rename ``building`` to ``out``; an old ``out`` is moved aside first, then deleted."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(out, old)
+    try:
+        os.replace(building, out)
+    except BaseException:
+        if old is not None:
+            os.replace(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def retrieval_report(
+    model: nn.Module,
+    queries: Sequence["str | os.PathLike[str]"],
+    gallery: Sequence["str | os.PathLike[str]"],
+    *,
+    query_labels: Optional[Sequence[Optional[str]]] = None,
+    gallery_labels: Optional[Sequence[Optional[str]]] = None,
+    preprocessing: Optional[Preprocessing] = None,
+    top_k: int = 5,
+    layer: LayerSpec = None,
+    point_maps: bool = True,
+    batch_size: int = 32,
+    cache: "str | os.PathLike[str] | None" = None,
+    model_spec: str = "",
+    progress: Optional[bool] = False,
+    title: str = "simexplain retrieval report",
+) -> RetrievalReport:
+    """Rank ``gallery`` for every query and explain each query's top-k matches.
+
+    Args:
+        model: the embedding model (its modes and gradients are left as they were).
+        queries, gallery: image files (see
+            :func:`~simexplain.data.list_labelled_images` for labels from folders).
+        query_labels, gallery_labels: a label (or ``None``) per image, to mark matches
+            correct or incorrect.
+        preprocessing: the model's preprocessing (default: resolved from the model).
+        top_k: matches per query.
+        layer: the layer of the SAM maps (default: found automatically).
+        point_maps: compute point-to-point maps; they need an embedding that is a
+            linear function of globally average pooled features, and are left out with
+            a note (:attr:`RetrievalReport.point_maps_note`) for other models.
+        batch_size: images per forward pass when embedding.
+        cache: a safetensors file caching the gallery embeddings
+            (:func:`~simexplain.apps.gallery.embed_gallery`).
+        model_spec: the model's name, kept in the cache manifest.
+        progress: tqdm progress bars on stderr (``None``: when stderr is a terminal).
+        title: the page title.
+
+    Example:
+        >>> import tempfile, torchvision
+        >>> from PIL import Image
+        >>> from torchvision.transforms import ToTensor
+        >>> from simexplain.data import Preprocessing, list_labelled_images
+        >>> root = Path(tempfile.mkdtemp())
+        >>> for label, shade in [("dark", 40), ("light", 220)]:
+        ...     (root / label).mkdir()
+        ...     for i in range(2):
+        ...         image = Image.new("RGB", (64, 64), (shade, shade - 30 * i, 0))
+        ...         image.save(root / label / f"{i}.png")
+        >>> files, labels = list_labelled_images(root)
+        >>> model = torchvision.models.resnet18()
+        >>> model.fc = torch.nn.Identity()
+        >>> report = retrieval_report(
+        ...     model, files[:1], files, query_labels=labels[:1], gallery_labels=labels,
+        ...     preprocessing=Preprocessing(ToTensor(), (0.0,) * 3, (1.0,) * 3), top_k=2,
+        ... )
+        >>> len(report.cards), len(report.cards[0].matches)
+        (1, 2)
+        >>> round(max(m.similarity for m in report.cards[0].matches), 4)  # itself
+        1.0
+        >>> report.write(root / "report").name
+        'index.html'
+    """
+    if top_k < 1:
+        raise InputError(f"top_k must be at least 1, got {top_k}")
+    queries, gallery = [Path(q) for q in queries], [Path(g) for g in gallery]
+    query_labels = _check_labels(query_labels, len(queries), "query_labels")
+    gallery_labels = _check_labels(gallery_labels, len(gallery), "gallery_labels")
+    preprocessing = preprocessing or resolve_preprocessing(model)
+
+    with progress_bar(len(gallery), "embedding gallery", "img", progress) as bar:
+        gallery_embeddings = embed_gallery(
+            model,
+            gallery,
+            preprocessing,
+            cache=cache,
+            model_spec=model_spec,
+            batch_size=batch_size,
+            on_batch=bar.update,
+        )
+    with progress_bar(len(queries), "embedding queries", "img", progress) as bar:
+        query_embeddings = embed_images(
+            model, queries, preprocessing, batch_size, on_batch=bar.update
+        )
+    similarities, indices = rank_gallery(query_embeddings, gallery_embeddings, top_k)
+
+    attribution = EmbeddingAttribution(model, layer)
+    point_method, note = (PointSpecific(model), "") if point_maps else (None, "not requested")
+    cards = []
+    with progress_bar(len(queries), "explaining queries", "img", progress) as bar:
+        for q, (row, sims) in enumerate(zip(indices.tolist(), similarities.tolist())):
+            images = preprocess_images([queries[q]] + [gallery[i] for i in row], preprocessing)
+            explained = explain_matches(attribution, images[0], images[1:])
+            points: list[Optional[Tensor]] = [None] * len(row)
+            if point_method is not None:
+                try:
+                    points = list(_point_to_point(point_method, images))
+                except (LayerError, ModelOutputError) as error:
+                    point_method, note = None, str(error)
+            matches = [
+                ReportMatch(
+                    path=gallery[i],
+                    label=gallery_labels[i],
+                    similarity=float(sim),
+                    image=images[1 + k],
+                    match_map=explained.gallery_maps[k],
+                    query_map=explained.query_maps[k],
+                    point_maps=points[k],
+                )
+                for k, (i, sim) in enumerate(zip(row, sims))
+            ]
+            cards.append(ReportCard(queries[q], query_labels[q], images[0], matches))
+            bar.update(1)
+    return RetrievalReport(
+        cards, preprocessing.mean, preprocessing.std, point_maps_note=note, title=title
+    )
+
+
+def _point_to_point(method: PointSpecific, images: Tensor) -> Tensor:
+    images = images.to(model_device(method.model) or torch.device("cpu"))
+    count = images.shape[0] - 1
+    query = images[:1].expand(count, -1, -1, -1)
+    return method.point_to_point((query, images[1:])).detach().cpu()
+
+
+def _check_labels(
+    labels: Optional[Sequence[Optional[str]]], count: int, name: str
+) -> list[Optional[str]]:
+    if labels is None:
+        return [None] * count
+    labels = list(labels)
+    if len(labels) != count:
+        raise InputError(f"{name} holds {len(labels)} labels for {count} images; give one each")
+    return [None if label is None else str(label) for label in labels]

@@ -1,0 +1,197 @@
+"""Retrieval with an embedding model, and why each match was retrieved.
+
+A query is ranked against a gallery by exact cosine similarity (with faiss when it is
+installed, else torch), and each (query, match) pair is explained as a same-class pair:
+its maps show what makes the two images similar to the model. Embedding the images:
+:mod:`simexplain.apps.gallery`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from ..attribution.embedding_attribution import EmbeddingAttribution
+from ..engine.maps import image_maps
+from ..engine.state import model_device
+from ..errors import InputError, MissingExtraError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["faiss_available", "rank_gallery", "RetrievalExplanation", "explain_matches"]
+
+
+def faiss_available() -> bool:
+    """Whether ``import faiss`` works (the optional ``faiss`` extra)."""
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+_BACKENDS = ("auto", "torch", "faiss")
+
+
+def rank_gallery(
+    queries: Tensor, gallery: Tensor, top_k: int, backend: str = "auto"
+) -> tuple[Tensor, Tensor]:
+    """Exact cosine ranking: the ``top_k`` gallery rows most similar to each query row.
+
+    Args:
+        queries: ``(Q, d)`` L2-normalised embeddings.
+        gallery: ``(G, d)`` L2-normalised embeddings.
+        top_k: matches per query; at most ``G`` are returned.
+        backend: ``"torch"`` (a matrix product), ``"faiss"`` (an exact inner-product
+            index, ``faiss.IndexFlatIP``, on the CPU; needs the ``faiss`` extra), or
+            ``"auto"``: faiss when it is installed and the embeddings are on the CPU,
+            else torch. Both give the same matches (up to the order of exact ties).
+
+    Returns:
+        ``similarities`` and ``indices``, both ``(Q, min(top_k, G))``, best first.
+
+    Example:
+        >>> q = torch.tensor([[1.0, 0.0]])
+        >>> g = torch.tensor([[0.0, 1.0], [0.6, 0.8], [1.0, 0.0]])
+        >>> sims, idx = rank_gallery(q, g, top_k=2)
+        >>> idx.tolist(), sims.tolist()
+        ([[2, 1]], [[1.0, 0.6000000238418579]])
+    """
+    if top_k < 1:
+        raise InputError(f"top_k must be at least 1, got {top_k}")
+    if queries.dim() != 2 or gallery.dim() != 2 or queries.shape[1] != gallery.shape[1]:
+        raise InputError(
+            f"queries {tuple(queries.shape)} and gallery {tuple(gallery.shape)} must be "
+            "(Q, d) and (G, d) embeddings of the same dimension d"
+        )
+    if backend not in _BACKENDS:
+        raise InputError(f"backend must be one of {', '.join(_BACKENDS)}; got {backend!r}")
+    count = min(top_k, gallery.shape[0])
+    on_cpu = queries.device.type == "cpu" and gallery.device.type == "cpu"
+    if backend == "faiss" or (backend == "auto" and on_cpu and faiss_available()):
+        return _rank_with_faiss(queries, gallery, count)
+    similarities = queries @ gallery.T
+    return similarities.topk(count, dim=1)
+
+
+def _rank_with_faiss(queries: Tensor, gallery: Tensor, count: int) -> tuple[Tensor, Tensor]:
+    try:
+        import faiss
+    except ImportError:
+        raise MissingExtraError(
+            "backend='faiss' needs faiss: pip install 'simexplain[faiss]' (or faiss-cpu)"
+        ) from None
+    import numpy as np
+
+    def as_array(x: Tensor) -> "np.ndarray":
+        return np.ascontiguousarray(x.detach().float().cpu().numpy())
+
+    index = faiss.IndexFlatIP(gallery.shape[1])
+    index.add(as_array(gallery))
+    similarities, indices = index.search(as_array(queries), count)
+    return (
+        torch.from_numpy(similarities).to(queries.device, queries.dtype),
+        torch.from_numpy(indices).to(queries.device),
+    )
+
+
+@dataclass
+class RetrievalExplanation:
+    """A query, its top matches, and the maps of each (query, match) pair.
+
+    Attributes:
+        query_image: ``(C, H, W)`` the query as the model saw it.
+        gallery_images: ``(k, C, H, W)`` the matches, best first.
+        query_maps: ``(k, H, W)`` the query's map for each match, in [0, 1].
+        gallery_maps: ``(k, H, W)`` each match's map, in [0, 1].
+        similarities: ``(k,)`` cosine similarity of each match to the query.
+        names: a name per match (e.g. its file name), or empty.
+        mean, std: the normalisation of the images, used to display them.
+    """
+
+    query_image: Tensor
+    gallery_images: Tensor
+    query_maps: Tensor
+    gallery_maps: Tensor
+    similarities: Tensor
+    names: tuple[str, ...] = ()
+    mean: Optional[Sequence[float]] = None
+    std: Optional[Sequence[float]] = None
+
+    def plot(self, query_title: str = "query", cmap: str = "jet", alpha: float = 0.5) -> "Figure":
+        """The query and its matches with their maps (:func:`~simexplain.viz.plot_retrieval`)."""
+        from ..viz.figures import plot_retrieval
+
+        return plot_retrieval(
+            self.query_image,
+            self.gallery_images,
+            self.query_maps,
+            self.gallery_maps,
+            self.similarities,
+            mean=self.mean,
+            std=self.std,
+            gallery_titles=self.names or None,
+            query_title=query_title,
+            cmap=cmap,
+            alpha=alpha,
+        )
+
+
+def explain_matches(
+    attribution: EmbeddingAttribution,
+    query: Tensor,
+    matches: Tensor,
+    *,
+    names: Sequence[str] = (),
+    mean: Optional[Sequence[float]] = None,
+    std: Optional[Sequence[float]] = None,
+) -> RetrievalExplanation:
+    """Explain why each of ``matches`` is similar to ``query``.
+
+    Every (query, match) pair is explained as a same-class pair (``target=True``), so
+    both maps show the evidence for similarity. Maps are upsampled to the images and
+    scaled to [0, 1].
+
+    Args:
+        attribution: an :class:`EmbeddingAttribution` of the model (reused across
+            queries, so the layer is found once).
+        query: ``(C, H, W)`` the preprocessed query.
+        matches: ``(k, C, H, W)`` the preprocessed matches.
+        names, mean, std: carried into the result for figures.
+
+    Example:
+        >>> import torchvision
+        >>> model = torchvision.models.resnet18(num_classes=16)
+        >>> result = explain_matches(
+        ...     EmbeddingAttribution(model), torch.randn(3, 64, 64), torch.randn(2, 3, 64, 64)
+        ... )
+        >>> tuple(result.query_maps.shape), tuple(result.gallery_maps.shape)
+        ((2, 64, 64), (2, 64, 64))
+    """
+    if query.dim() != 3 or matches.dim() != 4 or matches.shape[1:] != query.shape:
+        raise InputError(
+            f"query {tuple(query.shape)} and matches {tuple(matches.shape)} must be "
+            "(C, H, W) and (k, C, H, W) images of the same size"
+        )
+    count = matches.shape[0]
+    device = model_device(attribution.model) or torch.device("cpu")
+    queries = query.unsqueeze(0).expand(count, -1, -1, -1).to(device)
+    result = attribution.attribute_tuples(
+        (queries, matches.to(device)), target=torch.ones(count, dtype=torch.bool)
+    )
+    maps = image_maps(result.maps, query.shape[-2:])
+    embeddings = result.embeddings.cpu()
+    return RetrievalExplanation(
+        query_image=query.detach().cpu(),
+        gallery_images=matches.detach().cpu(),
+        query_maps=maps[:, 0].cpu(),
+        gallery_maps=maps[:, 1].cpu(),
+        similarities=(embeddings[:, 0] * embeddings[:, 1]).sum(-1),
+        names=tuple(names),
+        mean=mean,
+        std=std,
+    )

@@ -1,0 +1,146 @@
+"""``EmbeddingAttribution``: paper SAM's maps for tuples of images, as a captum attribution.
+
+It is the captum face of :class:`~simexplain.engine.SimilarityEngine` with the score
+:class:`~simexplain.methods.SAMScore`: ``attribute`` takes and returns what captum's
+layer attributions do, so captum's ``NoiseTunnel``, metrics and ``interpolate`` take it
+as it is (see :mod:`simexplain.attribution.tuple_score` for the bridges some need).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from captum.attr import GradientAttribution, LayerAttribution
+from captum.log import log_usage
+from torch import Tensor, nn
+
+from ..engine.engine import SimilarityEngine, TupleResult
+from ..engine.inputs import TensorOrTuple
+from ..engine.layouts import FeatureLayer
+from ..engine.target_layer import LayerSpec
+from ..methods.criteria import WeightFn
+from ..methods.sam import SAMScore
+
+__all__ = ["EmbeddingAttribution"]
+
+
+class EmbeddingAttribution(LayerAttribution, GradientAttribution):
+    r"""Similarity maps for pairs, triplets and quadruplets of images, as a captum attribution.
+
+    Args:
+        model: maps a batch ``(N, C, H, W)`` to embeddings ``(N, d)``.
+        layer: the spatial layer to explain: ``None`` (found automatically on the first
+            call), a dotted module name such as ``"layer4"``, or the module itself.
+        **engine_options: as for :class:`~simexplain.engine.SimilarityEngine`: how to read
+            the layer's output where the model's metadata does not tell (``layout``,
+            ``num_prefix_tokens``, ``reshape_transform``), and ``eval_mode`` (default
+            ``True``; ``False`` keeps the model's mode, e.g. to train with the maps).
+
+    Example:
+        >>> import torch, torchvision
+        >>> from simexplain import EmbeddingAttribution
+        >>> model = torchvision.models.resnet18(num_classes=16)
+        >>> attr = EmbeddingAttribution(model, layer="layer4")
+        >>> anchor, positive, negative = torch.randn(3, 2, 3, 64, 64)
+        >>> maps = attr.attribute((anchor, positive, negative))
+        >>> [tuple(m.shape) for m in maps]
+        [(2, 1, 2, 2), (2, 1, 2, 2), (2, 1, 2, 2)]
+
+    ``attribute`` returns one ``(B, 1, h, w)`` map per slot at layer resolution, like
+    captum's ``LayerGradCam``; upsample with ``LayerAttribution.interpolate`` or
+    :func:`simexplain.engine.upsample_maps`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: LayerSpec = None,
+        **engine_options: Any,
+    ) -> None:
+        self.engine = SimilarityEngine(model, layer, **engine_options)
+        resolved = layer if isinstance(layer, nn.Module) else None
+        LayerAttribution.__init__(self, model, resolved)
+        GradientAttribution.__init__(self, model)
+        self.model = model
+
+    @property
+    def eval_mode(self) -> bool:
+        """Whether each call puts the model in eval mode."""
+        return self.engine.eval_mode
+
+    def feature_layer(self, sample: Tensor, forward_args: tuple = ()) -> FeatureLayer:
+        """The layer explained for inputs shaped like ``sample`` (found once, then cached)."""
+        found = self.engine.feature_layer(sample, forward_args)
+        self.layer = found.module
+        return found
+
+    @log_usage()
+    def attribute(
+        self,
+        inputs: TensorOrTuple,
+        target: Any = None,
+        additional_forward_args: Any = None,
+        **options: Any,
+    ) -> tuple[Tensor, ...]:
+        r"""Maps for every image of every tuple.
+
+        Args:
+            inputs: a tuple of 2, 3 or 4 image batches, each ``(B, C, H, W)``; the slot
+                gives the role: ``(x1, x2)`` pair, ``(anchor, positive, negative)``
+                triplet, ``(anchor, positive, negative1, negative2)`` quadruplet.
+            target: pairs only: whether each pair is same-class, a bool tensor of
+                shape ``(B,)`` (or one bool for all). ``None`` for triplets and
+                quadruplets. Per-pair tensors are ``(B,)`` so captum's ``NoiseTunnel``
+                can expand them.
+            additional_forward_args: extra arguments for the model's forward. A tensor
+                whose first dimension is ``B`` is per tuple (captum's convention, so
+                ``NoiseTunnel`` can expand it): it is cut to each chunk and repeated for
+                every slot. Anything else is passed unchanged to every call.
+            **options: ``weight_fn``, ``relu_attributions``, ``detach_weights``,
+                ``create_graph``, ``chunk_size``, as for :meth:`attribute_tuples`.
+
+        Returns:
+            One tensor ``(B, 1, h, w)`` per slot.
+        """
+        result = self.attribute_tuples(inputs, target, additional_forward_args, **options)
+        return tuple(m.unsqueeze(1) for m in result.maps.unbind(1))
+
+    def attribute_tuples(
+        self,
+        inputs: TensorOrTuple,
+        target: Any = None,
+        additional_forward_args: Any = None,
+        *,
+        weight_fn: Optional[WeightFn] = None,
+        relu_attributions: bool = True,
+        detach_weights: bool = True,
+        create_graph: bool = False,
+        chunk_size: Optional[int] = None,
+    ) -> TupleResult:
+        """Like :meth:`attribute`, also returning scores, ``w`` and embeddings.
+
+        Args:
+            inputs, target, additional_forward_args: as for :meth:`attribute`.
+            weight_fn: explain another criterion: a function of the slots' normalised
+                embeddings ``(B, d)`` returning ``w`` ``(B, d)``; ``target`` is then
+                ignored. See :mod:`simexplain.methods.criteria`.
+            relu_attributions: apply ReLU to the maps (GradCAM's choice).
+            detach_weights: treat ``w`` as a constant (one backward pass). ``False``
+                also differentiates through ``w``, one backward pass per slot.
+            create_graph: build a graph through the maps so they can be trained with.
+            chunk_size: tuples per forward pass; it bounds memory. Default: up to 32 on
+                an accelerator; on a CPU, as many as hold about six 224 px images (whole
+                large batches run slower there), see
+                :func:`~simexplain.engine.default_chunk_size`.
+        """
+        score = SAMScore(target, weight_fn=weight_fn, detach_weights=detach_weights)
+        result = self.engine.attribute(
+            inputs,
+            score,
+            additional_forward_args,
+            relu=relu_attributions,
+            create_graph=create_graph,
+            chunk_size=chunk_size,
+        )
+        self.layer = self.engine.model.get_submodule(result.layer)
+        return result

@@ -1,0 +1,224 @@
+"""What each sub-command of ``simexplain`` does (the library does the work)."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .._progress import progress_bar
+from ..errors import InputError
+
+__all__ = ["explain_command", "explain_dir_command", "report_command"]
+
+
+class _Transform:
+    """A PIL-to-tensor pipeline carrying the mean/std it normalises with (for figures)."""
+
+    def __init__(self, pipeline: Callable, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.pipeline = pipeline
+        self.mean = tuple(mean)
+        self.std = tuple(std)
+
+    def __call__(self, image):
+        return self.pipeline(image)
+
+
+def _check_figure_format(file_format: str) -> str:
+    from matplotlib.figure import Figure
+
+    file_format = file_format.lower().lstrip(".")
+    supported = Figure().canvas.get_supported_filetypes()
+    if file_format not in supported:
+        raise InputError(
+            f"cannot write figures as {file_format!r}; use one of {', '.join(sorted(supported))}"
+        )
+    return file_format
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {name}: CUDA is not available here; use --device cpu")
+    return device
+
+
+def _load(args: argparse.Namespace):
+    """The model (in eval mode, on the device) and its preprocessing."""
+    from ..apps.models import load_model
+    from ..data.preprocessing import Preprocessing, resolve_preprocessing
+
+    if args.size is not None and args.size < 8:
+        raise InputError(f"--size must be at least 8 pixels, got {args.size}")
+    device = _device(args.device)
+    model = load_model(
+        args.model, arch=args.arch, pretrained=args.pretrained, keep_head=args.keep_head
+    ).to(device)
+    preprocessing = resolve_preprocessing(model)
+    if args.size is not None:
+        from torchvision import transforms as T
+
+        pipeline = T.Compose(
+            [
+                T.Resize(args.size),
+                T.CenterCrop(args.size),
+                T.ToTensor(),
+                T.Normalize(preprocessing.mean, preprocessing.std),
+            ]
+        )
+        preprocessing = Preprocessing(pipeline, preprocessing.mean, preprocessing.std)
+    transform = _Transform(preprocessing.transform, preprocessing.mean, preprocessing.std)
+    return model, preprocessing, transform
+
+
+# --------------------------------------------------------------------------- explain
+
+
+def explain_command(args: argparse.Namespace) -> int:
+    from ..apps.explanation import explain
+    from ..data.preprocessing import load_image
+
+    if not 2 <= len(args.images) <= 4:
+        raise InputError(
+            f"got {len(args.images)} image(s); explain takes 2 (pair), 3 (triplet) or "
+            "4 (quadruplet) images"
+        )
+    if args.labels is not None and len(args.labels) != len(args.images):
+        raise InputError(
+            f"got {len(args.labels)} label(s) for {len(args.images)} images; give one per image"
+        )
+    _check_figure_format(Path(args.out).suffix or ".png")
+    images = [load_image(path) for path in args.images]  # fails before the model loads
+    model, _, transform = _load(args)
+    exp = explain(model, images, labels=args.labels, layer=args.layer, transform=transform)
+    scores = ", ".join(f"{role} {float(s):.3g}" for role, s in zip(exp.roles, exp.scores[0]))
+    print(f"{exp.kind.replace('_', ' ')} explained at layer {exp.layer!r}: scores {scores}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    exp.save(out, dpi=args.dpi)
+    print(f"wrote {out}")
+    return 0
+
+
+# --------------------------------------------------------------------------- explain-dir
+
+
+def _check_retrieval_options(args: argparse.Namespace) -> None:
+    if args.top_k < 1:
+        raise InputError(f"--top-k must be at least 1, got {args.top_k}")
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, got {args.batch_size}")
+
+
+def _figure_names(queries: Sequence[Path], file_format: str) -> list[str]:
+    """``<stem>.<format>`` per query, or ``<name>.<format>`` where two stems collide."""
+    stems = [q.stem for q in queries]
+    return [
+        f"{q.stem if stems.count(q.stem) == 1 else q.name}.{file_format}" for q in queries
+    ]
+
+
+def explain_dir_command(args: argparse.Namespace) -> int:
+    from .._files import atomic_write
+    from ..apps.gallery import embed_images
+    from ..apps.retrieval import explain_matches, rank_gallery
+    from ..attribution.embedding_attribution import EmbeddingAttribution
+    from ..data.image_files import list_images
+    from ..data.preprocessing import preprocess_images
+    from ..viz.figures import save_figure
+
+    _check_retrieval_options(args)
+    file_format = _check_figure_format(args.format)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} exists and is not a folder")
+    queries = list_images(args.query_dir)
+    gallery = list_images(args.gallery)
+    model, preprocessing, _ = _load(args)
+
+    # Every image is read while embedding, so a bad file stops the run before any output.
+    with progress_bar(len(gallery), "embedding gallery", "img", args.progress) as bar:
+        gallery_embeddings = embed_images(
+            model, gallery, preprocessing, args.batch_size, on_batch=bar.update
+        )
+    with progress_bar(len(queries), "embedding queries", "img", args.progress) as bar:
+        query_embeddings = embed_images(
+            model, queries, preprocessing, args.batch_size, on_batch=bar.update
+        )
+    similarities, indices = rank_gallery(query_embeddings, gallery_embeddings, args.top_k)
+
+    attribution = EmbeddingAttribution(model, args.layer)
+    names = _figure_names(queries, file_format)
+    with progress_bar(len(queries), "explaining queries", "img", args.progress) as bar:
+        for query, name, row in zip(queries, names, indices.tolist()):
+            images = preprocess_images([query] + [gallery[i] for i in row], preprocessing)
+            result = explain_matches(
+                attribution,
+                images[0],
+                images[1:],
+                names=[gallery[i].name for i in row],
+                mean=preprocessing.mean,
+                std=preprocessing.std,
+            )
+            out.mkdir(parents=True, exist_ok=True)
+            save_figure(result.plot(query_title=query.name), out / name, dpi=args.dpi)
+            bar.update(1)
+
+    table = io.StringIO()
+    writer = csv.writer(table, lineterminator="\n")
+    writer.writerow(["query", "rank", "gallery", "cosine_similarity", "figure"])
+    for query, name, row, sims in zip(queries, names, indices.tolist(), similarities.tolist()):
+        for rank, (i, sim) in enumerate(zip(row, sims), start=1):
+            writer.writerow([query.name, rank, gallery[i].name, f"{sim:.6f}", name])
+    atomic_write(out / "matches.csv", lambda handle: handle.write(table.getvalue().encode()))
+    print(f"wrote {len(queries)} figure(s) and matches.csv to {out}")
+    return 0
+
+
+# --------------------------------------------------------------------------- report
+
+
+def report_command(args: argparse.Namespace) -> int:
+    from ..apps.report import check_report_destination, retrieval_report
+    from ..data.image_files import list_labelled_images
+
+    _check_retrieval_options(args)
+    out = Path(args.out)
+    check_report_destination(out)
+    if not Path(args.gallery).is_dir():
+        raise InputError(f"--gallery {args.gallery} is not a folder")
+    queries, query_labels = list_labelled_images(args.queries)
+    gallery, gallery_labels = list_labelled_images(args.gallery)
+    model, preprocessing, _ = _load(args)
+    report = retrieval_report(
+        model,
+        queries,
+        gallery,
+        query_labels=query_labels,
+        gallery_labels=gallery_labels,
+        preprocessing=preprocessing,
+        top_k=args.top_k,
+        layer=args.layer,
+        point_maps=args.point_maps,
+        batch_size=args.batch_size,
+        cache=args.cache,
+        model_spec=args.model,
+        progress=args.progress,
+        title=args.title,
+    )
+    index = report.write(out)
+    if args.point_maps and report.point_maps_note:
+        print(f"note: no point maps: {report.point_maps_note}", file=sys.stderr)
+    print(f"wrote a report of {len(report.cards)} quer{'y' if len(report.cards) == 1 else 'ies'} "
+          f"to {index}")
+    return 0

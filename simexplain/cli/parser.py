@@ -1,0 +1,163 @@
+"""The ``simexplain`` command line: its sub-commands and flags."""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["PROG", "UsageError", "build_parser"]
+
+PROG = "simexplain"
+
+
+class UsageError(Exception):
+    """A command line argparse rejected."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser that reports errors as one line instead of usage + exit."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def _model_options() -> argparse.ArgumentParser:
+    options = argparse.ArgumentParser(add_help=False)
+    group = options.add_argument_group("model")
+    group.add_argument(
+        "--model",
+        required=True,
+        metavar="SPEC",
+        help="timm:NAME, torchvision:NAME, or a checkpoint file (.safetensors, a "
+        "torch.save'd state dict with --arch, or TorchScript)",
+    )
+    group.add_argument(
+        "--arch",
+        metavar="SPEC",
+        help="architecture of a state-dict checkpoint: timm:NAME or torchvision:NAME",
+    )
+    group.add_argument(
+        "--pretrained",
+        action="store_true",
+        help="download the library's pretrained weights for timm:/torchvision: models "
+        "(needs network access once; off by default)",
+    )
+    group.add_argument(
+        "--keep-head",
+        action="store_true",
+        help="keep the classification layer (default: embed with the pooled features)",
+    )
+    group.add_argument("--layer", help="dotted name of the layer to explain (default: found)")
+    group.add_argument(
+        "--size",
+        type=int,
+        metavar="PX",
+        help="resize the shorter side to PX and centre-crop PX x PX (default: the "
+        "model's own preprocessing)",
+    )
+    group.add_argument(
+        "--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)"
+    )
+    return options
+
+
+def _retrieval_options() -> argparse.ArgumentParser:
+    options = argparse.ArgumentParser(add_help=False)
+    group = options.add_argument_group("retrieval")
+    group.add_argument("--top-k", type=int, default=5, help="matches per query (default 5)")
+    group.add_argument(
+        "--batch-size", type=int, default=32, help="images per forward pass when embedding"
+    )
+    group.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="show progress bars on stderr (default: when stderr is a terminal)",
+    )
+    return options
+
+
+def build_parser() -> _Parser:
+    parser = _Parser(prog=PROG, description="Visual explanations for similarity models.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    model_options = _model_options()
+    retrieval_options = _retrieval_options()
+
+    explain = commands.add_parser(
+        "explain",
+        parents=[model_options],
+        help="explain a pair, triplet or quadruplet of image files",
+        description="Explain why the model embeds 2 (pair), 3 (triplet: anchor, positive, "
+        "negative) or 4 (quadruplet) images close together or far apart.",
+    )
+    explain.add_argument("images", nargs="+", metavar="IMG", help="2, 3 or 4 image files")
+    explain.add_argument(
+        "--labels",
+        nargs="+",
+        type=int,
+        metavar="LABEL",
+        help="a class label per image; needed for pairs (0 0: same class, 0 1: different)",
+    )
+    explain.add_argument("--out", default="simexplain.png", help="figure file (.png, .pdf, .svg)")
+    explain.add_argument("--dpi", type=int, default=150, help="figure resolution (default 150)")
+
+    explain_dir = commands.add_parser(
+        "explain-dir",
+        parents=[model_options, retrieval_options],
+        help="retrieve the top-k gallery matches of every query image and explain them",
+        description="For each image in QUERY_DIR, rank the images of --gallery by cosine "
+        "similarity and write a figure of the query and its top-k matches, each with its "
+        "map, plus matches.csv with the rankings.",
+    )
+    explain_dir.add_argument("query_dir", metavar="QUERY_DIR", help="folder of query images")
+    explain_dir.add_argument("--gallery", required=True, metavar="DIR", help="gallery folder")
+    explain_dir.add_argument("--out", required=True, metavar="DIR", help="folder for the figures")
+    explain_dir.add_argument(
+        "--format", default="png", help="figure format: png, pdf, svg, ... (default png)"
+    )
+    explain_dir.add_argument("--dpi", type=int, default=110, help="figure resolution (default 110)")
+
+    report = commands.add_parser(
+        "report",
+        parents=[model_options, retrieval_options],
+        help="retrieve the top-k gallery matches of queries and write a static HTML report",
+        description="Rank the images of --gallery for every query and write a folder with "
+        "index.html (open it in any browser, no server needed): one card per query with "
+        "its top-k matches, their maps and cosine similarities, correct/incorrect marks "
+        "when images sit in class folders, and point-to-point maps: click a point of a "
+        "query to see where each match resembles it.",
+    )
+    report.add_argument(
+        "queries",
+        nargs="+",
+        metavar="QUERIES",
+        help="query image files or folders (images in sub-folders are labelled with the "
+        "sub-folder's name)",
+    )
+    report.add_argument(
+        "--gallery",
+        required=True,
+        metavar="DIR",
+        help="gallery folder (images in sub-folders are labelled with the sub-folder's name)",
+    )
+    report.add_argument("--out", required=True, metavar="DIR", help="report folder")
+    report.add_argument("--title", default="simexplain retrieval report", help="page title")
+    report.add_argument(
+        "--cache",
+        metavar="FILE",
+        help="safetensors file caching the gallery embeddings; reused while the gallery "
+        "files, the model weights and the preprocessing are unchanged",
+    )
+    report.add_argument(
+        "--point-maps",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="compute the clickable point-to-point maps (default: on)",
+    )
+
+    commands.add_parser(
+        "demo",
+        help="train a small embedding model offline and explain a pair, a triplet and a "
+        "quadruplet (see simexplain demo --help)",
+        add_help=False,
+    )
+    return parser

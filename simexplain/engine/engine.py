@@ -1,0 +1,357 @@
+"""``SimilarityEngine``: the mechanics every GradCAM-style similarity map shares.
+
+How :meth:`SimilarityEngine.attribute` computes (see the project's METHOD.md, section 1,
+and notes/speed.md):
+
+1. the inputs are checked and cut into chunks of tuples; all images of a chunk go through
+   the model in ONE forward pass (a layer hook sees every call, so one pass per slot would
+   mix up activations);
+2. nothing before the target layer records an autograd graph: the forward runs under
+   ``no_grad`` and the layer's hook switches grad mode on and replaces the output by a
+   fresh leaf, so memory stays near inference;
+3. the method's :class:`~simexplain.engine.score.SimilarityScore` turns the chunk's
+   embeddings into one score per image, and ``torch.autograd.grad`` takes its gradient
+   with respect to the layer output only: parameters' ``.grad`` are never touched;
+4. GradCAM combines the layer's activations with those gradients, read as ``(N, C, h, w)``
+   whatever the layer's layout.
+
+The model's modes, ``requires_grad`` flags, ``.grad`` tensors and hooks are left as they
+were, also when a call raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import LayerError
+from .chunking import chunk_size_for
+from .embeddings import embedding_matrix, finite_embeddings, layer_not_on_path
+from .inputs import TensorOrTuple, as_forward_args, check_tuple_inputs, tuple_forward_args
+from .layouts import FeatureLayer, to_spatial
+from .maps import gradcam_maps
+from .score import SimilarityScore
+from .state import preserved_state
+from .target_layer import LayerSpec, get_layer, resolve_layer
+
+__all__ = ["SimilarityEngine", "TupleResult"]
+
+
+@dataclass
+class TupleResult:
+    """Everything one attribution call computes, per tuple slot.
+
+    Attributes:
+        maps: ``(B, T, h, w)`` raw maps at layer resolution.
+        scores: ``(B, T)`` the score ``s_i`` of each image (paper SAM: ``w . f_i``).
+        weights: ``(B, d)`` the criterion vector ``w`` of each tuple, for methods that
+            have one (paper SAM), else ``None``.
+        embeddings: ``(B, T, d)`` L2-normalised embeddings.
+        kind: ``"same_pair"``, ``"different_pair"``, ``"pair"``, ``"triplet"``,
+            ``"quadruplet"`` or ``"custom"``.
+        layer: the name of the layer explained.
+    """
+
+    maps: Tensor
+    scores: Tensor
+    weights: Optional[Tensor]
+    embeddings: Tensor
+    kind: str
+    layer: str
+
+    def to(self, device: Any) -> "TupleResult":
+        """This result with its tensors on ``device``."""
+        return TupleResult(
+            maps=self.maps.to(device),
+            scores=self.scores.to(device),
+            weights=None if self.weights is None else self.weights.to(device),
+            embeddings=self.embeddings.to(device),
+            kind=self.kind,
+            layer=self.layer,
+        )
+
+
+class SimilarityEngine:
+    """Hooked forward, layer gradient and GradCAM combine for one model and layer.
+
+    Args:
+        model: maps a batch ``(N, C, H, W)`` to embeddings ``(N, d)``.
+        layer: the spatial layer to explain: ``None`` (found automatically on the first
+            call), a dotted module name such as ``"layer4"``, or the module itself.
+        layout: how to read the layer's output when it cannot be inferred: ``"NCHW"``,
+            ``"NHWC"`` or ``"tokens"``.
+        num_prefix_tokens: class/distillation/register tokens before the patch grid, for
+            ``"tokens"`` layers whose model does not declare ``num_prefix_tokens``.
+        reshape_transform: any function turning the layer output into ``(N, C, h, w)``;
+            overrides ``layout``.
+        eval_mode: put the model (and a score's modules) in eval mode during each call.
+
+    Example:
+        >>> import torch, torchvision
+        >>> from simexplain.methods import SAMScore
+        >>> engine = SimilarityEngine(torchvision.models.resnet18(num_classes=8), "layer4")
+        >>> anchor, positive, negative = torch.randn(3, 2, 3, 64, 64)
+        >>> result = engine.attribute((anchor, positive, negative), SAMScore())
+        >>> tuple(result.maps.shape), result.kind
+        ((2, 3, 2, 2), 'triplet')
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: LayerSpec = None,
+        *,
+        layout: Optional[str] = None,
+        num_prefix_tokens: Optional[int] = None,
+        reshape_transform: Optional[Callable[[Tensor], Tensor]] = None,
+        eval_mode: bool = True,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.layer_spec = layer
+        self.layout = layout
+        self.num_prefix_tokens = num_prefix_tokens
+        self.reshape_transform = reshape_transform
+        self.eval_mode = eval_mode
+        if isinstance(layer, str):
+            get_layer(model, layer)  # fail early on a wrong name
+
+    # ------------------------------------------------------------------ one call
+
+    def attribute(
+        self,
+        inputs: TensorOrTuple,
+        score: SimilarityScore,
+        forward_args: Any = None,
+        *,
+        relu: bool = True,
+        create_graph: bool = False,
+        chunk_size: Optional[int] = None,
+    ) -> TupleResult:
+        """Maps of every image of every tuple for ``score``, in chunks of tuples.
+
+        Args:
+            inputs: 2, 3 or 4 image batches ``(B, C, H, W)``, one per slot.
+            score: what the maps explain.
+            forward_args: extra arguments for the model's forward. A tensor whose first
+                dimension is ``B`` is per tuple (captum's convention): it is cut to each
+                chunk and repeated for every slot. Anything else is passed unchanged.
+            relu: apply ReLU to the maps (GradCAM's choice).
+            create_graph: keep a graph through the maps so they can be trained with.
+            chunk_size: tuples per forward pass (default:
+                :func:`~simexplain.engine.chunking.default_chunk_size`).
+        """
+        slots = check_tuple_inputs(inputs)
+        batch, count = slots[0].shape[0], len(slots)
+        score = score.bind(count, batch)
+        chunk = chunk_size_for(slots, chunk_size)
+        args = as_forward_args(forward_args)
+        with self.session(*score.modules()):
+            layer = self.feature_layer(
+                slots[0][:2], tuple_forward_args(args, batch, 0, min(2, batch), 1)
+            )
+            parts = []
+            for start in range(0, batch, chunk):
+                stop = min(start + chunk, batch)
+                parts.append(
+                    self._attribute_chunk(
+                        [s[start:stop] for s in slots],
+                        score.chunk(start, stop),
+                        tuple_forward_args(args, batch, start, stop, count),
+                        layer,
+                        relu,
+                        create_graph,
+                    )
+                )
+        weights = [p[2] for p in parts]
+        return TupleResult(
+            maps=torch.cat([p[0] for p in parts]),
+            scores=torch.cat([p[1] for p in parts]),
+            weights=None if weights[0] is None else torch.cat(weights),
+            embeddings=torch.cat([p[3] for p in parts]),
+            kind=score.kind(count),
+            layer=layer.name,
+        )
+
+    def _attribute_chunk(
+        self,
+        slots: list[Tensor],
+        score: SimilarityScore,
+        args: tuple,
+        layer: FeatureLayer,
+        relu: bool,
+        create_graph: bool,
+    ) -> tuple[Tensor, Tensor, Optional[Tensor], Tensor]:
+        num_slots, batch = len(slots), slots[0].shape[0]
+        images = torch.cat(slots)
+        activation, embeddings = self.forward(images, layer, args, create_graph)
+        per_slot = embeddings.reshape(num_slots, batch, -1)
+        scored = score(per_slot)
+        gradient = self.score_gradient(
+            scored.values, activation, score.partners_fixed, create_graph
+        )
+        maps = self.combine(activation, gradient, layer, (images.shape[-2], images.shape[-1]), relu)
+        values, weights = scored.values, scored.weights
+        normalized = F.normalize(per_slot if create_graph else per_slot.detach(), dim=-1)
+        if not create_graph:
+            maps, values = maps.detach(), values.detach()
+            weights = None if weights is None else weights.detach()
+        maps = maps.reshape(num_slots, batch, *maps.shape[1:]).transpose(0, 1)
+        return maps, values, weights, normalized.transpose(0, 1)
+
+    # ------------------------------------------------------------------ the pieces
+
+    def feature_layer(self, sample: Tensor, forward_args: tuple = ()) -> FeatureLayer:
+        """The layer explained for inputs shaped like ``sample`` (found once, then cached)."""
+        layout = "NCHW" if self.reshape_transform is not None else self.layout
+        return resolve_layer(
+            self.model, self.layer_spec, sample, layout, self.num_prefix_tokens, forward_args
+        )
+
+    @contextlib.contextmanager
+    def session(self, *modules: nn.Module) -> Iterator[None]:
+        """Grad mode on (also under ``no_grad`` or ``inference_mode``, as captum's metrics
+        call attributions), the model and ``modules`` in eval mode when ``eval_mode``, and
+        their state restored afterwards."""
+        with contextlib.ExitStack() as stack:
+            for module in (self.model, *modules):
+                stack.enter_context(preserved_state(module, eval_mode=self.eval_mode))
+            stack.enter_context(torch.inference_mode(False))
+            stack.enter_context(torch.enable_grad())
+            yield
+
+    def forward(
+        self,
+        images: Tensor,
+        layer: FeatureLayer,
+        forward_args: tuple = (),
+        create_graph: bool = False,
+        check_finite: bool = True,
+    ) -> tuple[Tensor, Tensor]:
+        """One forward pass returning the layer's output and the embeddings ``(N, d)``.
+
+        With ``create_graph=False`` the trunk before the layer records no graph and the
+        activation is a fresh leaf; with ``True`` (training) it is the layer's real output,
+        so gradients reach every parameter. The model's mode is left as it is.
+        """
+        captured: list[Tensor] = []
+        calls = [0]
+
+        def hook(module: nn.Module, inputs: tuple, output: Any) -> Any:
+            index = calls[0]
+            calls[0] += 1
+            if layer.call_index >= 0 and index != layer.call_index:
+                return None
+            if not isinstance(output, Tensor):
+                raise LayerError(
+                    f"layer {layer.name!r} returned {type(output).__name__}, not a tensor; "
+                    "choose a layer that outputs a feature map"
+                )
+            torch.set_grad_enabled(True)
+            if create_graph and output.requires_grad:
+                source = output
+            else:
+                # A fresh leaf: the trunk before the layer keeps no graph.
+                source = output.detach().requires_grad_()
+            captured[:] = [source]
+            # The clone shields the leaf from in-place ops later in the forward pass.
+            return source.clone()
+
+        handle = layer.module.register_forward_hook(hook)
+        try:
+            with torch.set_grad_enabled(create_graph):
+                output = self.model(images, *forward_args)
+                if not captured:
+                    raise LayerError(
+                        f"layer {layer.name!r} was not called during the forward pass; "
+                        "choose a layer the model uses"
+                    )
+                read = finite_embeddings if check_finite else embedding_matrix
+                embeddings = read(output, images.shape[0])
+        finally:
+            handle.remove()
+        return captured[0], embeddings
+
+    def embed(self, images: Tensor, forward_args: tuple = ()) -> Tensor:
+        """Plain embeddings ``(N, d)`` of ``images``: no hook, the model's state restored."""
+        with preserved_state(self.model, eval_mode=self.eval_mode):
+            return embedding_matrix(self.model(images, *forward_args), images.shape[0])
+
+    def spatial(self, tensor: Tensor, layer: FeatureLayer, image_hw: tuple[int, int]) -> Tensor:
+        """The layer output (or its gradient) as ``(N, C, h, w)``."""
+        if self.reshape_transform is not None:
+            out = self.reshape_transform(tensor)
+            if not isinstance(out, Tensor) or out.dim() != 4:
+                raise LayerError("reshape_transform must return a (N, C, h, w) tensor")
+            return out
+        return to_spatial(tensor, layer, image_hw)
+
+    def combine(
+        self,
+        activation: Tensor,
+        gradient: Tensor,
+        layer: FeatureLayer,
+        image_hw: tuple[int, int],
+        relu: bool = True,
+    ) -> Tensor:
+        """GradCAM's maps ``(N, h, w)`` from the layer's output and its gradient, both in
+        the layer's own layout."""
+        spatial = self.spatial(activation, layer, image_hw)
+        return gradcam_maps(spatial, self.spatial(gradient, layer, image_hw), relu)
+
+    def score_gradient(
+        self,
+        scores: Tensor,
+        activation: Tensor,
+        partners_fixed: bool = True,
+        create_graph: bool = False,
+    ) -> Tensor:
+        """The gradient of each image's score ``(B, T)`` at its own rows of ``activation``.
+
+        When every score depends on its own image only (``partners_fixed``), one pass of
+        their sum gives all of them; otherwise one pass per slot, each keeping its rows.
+        """
+        if partners_fixed:
+            return self.layer_gradient(scores.sum(), activation, create_graph=create_graph)
+        batch, count = scores.shape
+        grads = [
+            self.layer_gradient(
+                scores[:, k].sum(),
+                activation,
+                retain_graph=create_graph or k < count - 1,
+                create_graph=create_graph,
+            )[k * batch : (k + 1) * batch]
+            for k in range(count)
+        ]
+        return torch.cat(grads)
+
+    @staticmethod
+    def layer_gradient(
+        outputs: Tensor,
+        activation: Tensor,
+        grad_outputs: Optional[Tensor] = None,
+        *,
+        retain_graph: Optional[bool] = None,
+        create_graph: bool = False,
+    ) -> Tensor:
+        """``d outputs / d activation`` (a vector-Jacobian product with ``grad_outputs``),
+        with a clear error when the outputs do not depend on the layer."""
+        if not outputs.requires_grad:
+            raise layer_not_on_path()
+        (gradient,) = torch.autograd.grad(
+            outputs,
+            activation,
+            grad_outputs,
+            retain_graph=create_graph if retain_graph is None else retain_graph,
+            create_graph=create_graph,
+            allow_unused=True,
+        )
+        if gradient is None:
+            raise layer_not_on_path()
+        return gradient

@@ -1,0 +1,45 @@
+"""Explanation methods for similarity models behind one interface, and a registry of them.
+
+Every method is a :class:`SimilarityMethod`: build it from the model (and optionally the
+layer, as for :class:`~simexplain.EmbeddingAttribution`), then
+``method.explain(tuples) -> (B, T, h, w)`` gives one raw map per image of each tuple at
+the layer's resolution. A method is also an ``explain_fn(model, tuples)`` for
+:mod:`simexplain.metrics` (it rebuilds itself for another model, e.g. a randomised copy).
+
+A GradCAM-style method is its per-image score, a
+:class:`~simexplain.engine.SimilarityScore`, on the shared engine; adding one is a score
+class and a small :class:`SimilarityMethod` that hands it to :meth:`~SimilarityMethod.gradcam`.
+
+==================  ==========================================================  ==========
+name                what a map shows                                            tuples
+==================  ==========================================================  ==========
+``sam``             GradCAM of ``w . f_i`` (Zheng et al., the core method)      2, 3, 4
+``gradcam_cosine``  GradCAM of the tuple's cosine criterion, others held fixed  2, 3, 4
+``stylianou``       each location's share of the cosine (Stylianou et al.)      2, 3, 4
+``point_specific``  point-to-point similarity (Zhu et al. 2021)                 2 (3, 4)
+``bce_gradcam``     GradCAM of a trained same/different pair classifier         2
+==================  ==========================================================  ==========
+
+>>> import torch, torchvision
+>>> from simexplain.methods import get_method
+>>> model = torchvision.models.resnet18(num_classes=16)
+>>> method = get_method("gradcam_cosine")(model, layer="layer4")
+>>> x1, x2 = torch.randn(2, 1, 3, 64, 64)
+>>> method.explain((x1, x2)).shape
+torch.Size([1, 2, 2, 2])
+"""
+
+from . import base, cosine, decomposition, pair_classifier, sam
+from .base import *  # noqa: F403
+from .sam import *  # noqa: F403
+from .cosine import *  # noqa: F403
+from .decomposition import *  # noqa: F403
+from .pair_classifier import *  # noqa: F403
+
+__all__ = [
+    *base.__all__,
+    *sam.__all__,
+    *cosine.__all__,
+    *decomposition.__all__,
+    *pair_classifier.__all__,
+]

@@ -1,0 +1,110 @@
+"""GradCAM of the cosine: each image's share of its tuple's cosine criterion.
+
+A tuple's criterion is ``sum_{i<j} c_ij cos(f_i, f_j)`` (:func:`cosine_coefficients`);
+image ``i``'s score is the part that depends on it, ``sum_j c_ij cos(f_i, f_j)``, with
+the other images held fixed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..engine.score import Scores, SimilarityScore
+from ..errors import InputError
+from .base import SimilarityMethod, TensorTuple, register_method
+
+__all__ = ["cosine_coefficients", "check_coefficients", "CosineScore", "GradCAMCosine"]
+
+
+def cosine_coefficients(num_slots: int) -> Tensor:
+    """The symmetric matrix ``c`` of a tuple's cosine criterion ``sum_{i<j} c_ij cos(f_i, f_j)``.
+
+    Pair: ``cos(f1, f2)``. Triplet: the margin ``cos(a, p) - cos(a, n)``. Quadruplet: the
+    sum of the two triplet margins, ``2 cos(a, p) - cos(a, n1) - cos(a, n2)``. Image ``i``'s
+    target is the part of the criterion that depends on it, ``sum_j c_ij cos(f_i, f_j)``
+    with the other images fixed.
+
+    >>> cosine_coefficients(3)
+    tensor([[ 0.,  1., -1.],
+            [ 1.,  0.,  0.],
+            [-1.,  0.,  0.]])
+    """
+    upper = {2: [(0, 1, 1.0)], 3: [(0, 1, 1.0), (0, 2, -1.0)]}
+    upper[4] = [(0, 1, 2.0), (0, 2, -1.0), (0, 3, -1.0)]
+    if num_slots not in upper:
+        raise InputError(f"tuples have 2, 3 or 4 images; got {num_slots}")
+    coefficients = torch.zeros(num_slots, num_slots)
+    for i, j, value in upper[num_slots]:
+        coefficients[i, j] = coefficients[j, i] = value
+    return coefficients
+
+
+def check_coefficients(coefficients: Optional[Any], num_slots: int) -> Tensor:
+    """The symmetric ``(T, T)`` matrix of a cosine criterion; the default for ``None``."""
+    if coefficients is None:
+        return cosine_coefficients(num_slots)
+    matrix = torch.as_tensor(coefficients, dtype=torch.float32)
+    if matrix.shape != (num_slots, num_slots) or not torch.equal(matrix, matrix.T):
+        raise InputError(
+            f"coefficients must be a symmetric {num_slots}x{num_slots} matrix (one row per "
+            f"image of the tuple), got shape {tuple(matrix.shape)}"
+        )
+    return matrix
+
+
+@dataclass(frozen=True)
+class CosineScore(SimilarityScore):
+    """``s_i = sum_j c_ij cos(f_i, f_j)`` with every ``f_j`` (``j != i``) held fixed.
+
+    Args:
+        coefficients: the symmetric matrix ``c`` (default :func:`cosine_coefficients`).
+
+    >>> f = torch.tensor([[[1.0, 0.0]], [[0.6, 0.8]]])          # a pair, (T, B, d)
+    >>> CosineScore().bind(2, 1)(f).values
+    tensor([[0.6000, 0.6000]])
+    """
+
+    coefficients: Any = None
+    matrix: Optional[Tensor] = dataclasses.field(default=None, repr=False)
+
+    def bind(self, num_slots: int, batch: int) -> "CosineScore":
+        return dataclasses.replace(self, matrix=check_coefficients(self.coefficients, num_slots))
+
+    def __call__(self, embeddings: Tensor) -> Scores:
+        normalized = F.normalize(embeddings, dim=-1)
+        cosines = torch.einsum("ibd,jbd->ijb", normalized, normalized.detach())
+        targets = (self.matrix.to(cosines)[:, :, None] * cosines).sum(dim=1)  # (T, B)
+        return Scores(targets.t())
+
+
+@register_method
+class GradCAMCosine(SimilarityMethod):
+    """GradCAM with a cosine-similarity target for each image, the other images fixed.
+
+    Pair: image 1's target is ``cos(f1, f2)`` with ``f2`` a constant, image 2's
+    symmetrically (what pytorch-grad-cam's embedding tutorial does). Triplets and
+    quadruplets: see :func:`cosine_coefficients`; e.g. the anchor's target is
+    ``cos(a, p) - cos(a, n)``, the positive's ``cos(p, a)``, the negative's
+    ``-cos(n, a)``. ``explain(tuples, coefficients=None, relu=True)`` takes any symmetric
+    matrix as ``coefficients``. Maps are non-negative with ``relu=True``.
+
+    For pairs this is SAM with ``weight_fn=lambda f1, f2: f1 + f2`` (``f_i . f_i = 1``
+    has no gradient).
+    """
+
+    name = "gradcam_cosine"
+
+    def explain(
+        self,
+        tuples: TensorTuple,
+        coefficients: Optional[Any] = None,
+        relu: bool = True,
+        chunk_size: Optional[int] = None,
+    ) -> Tensor:
+        return self.gradcam(tuples, CosineScore(coefficients), relu, chunk_size)

@@ -1,0 +1,386 @@
+"""``SAMLoss``: training an embedding model with its own similarity maps (similarity mining).
+
+Section 2 of the project's METHOD.md (after Zheng et al., "Visual Similarity Attention"):
+each tuple's maps, computed with a graph, soft-mask its images where the maps are high;
+the masked images are embedded again, and the mining term is small when the masked
+tuple no longer meets its criterion (the anchor is no nearer its positive than its
+negative), i.e. when the maps have found all of the evidence. The total loss is
+``L = L_ml + gamma * L_sm`` with any metric-learning loss ``L_ml``.
+
+:class:`SAMLoss` runs the whole step on tuples of images or on a batch with labels plus a
+pytorch-metric-learning miner or ``indices_tuple``; its pieces are
+:func:`~simexplain.training.soft_mask`, the maps of
+:func:`~simexplain.training.occurrence_maps.occurrence_maps` and the mining term
+:class:`~simexplain.training.SimilarityMiningLoss`.
+
+Which activations the maps use: those of the training forward pass itself (train
+mode, so BatchNorm normalises with the batch's statistics), the very pass whose
+embeddings the metric loss sees. This costs no extra forward, and the maps explain the
+network as it is being trained. The masked images go through a second forward, also in
+train mode, but with BatchNorm's running statistics frozen for it: masked images are
+not the distribution the model will see at test time, so they must not shift the
+running mean and variance.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..engine.embeddings import embedding_matrix
+from ..engine.engine import SimilarityEngine
+from ..engine.inputs import as_forward_args, check_tuple_inputs
+from ..engine.layouts import FeatureLayer
+from ..engine.target_layer import LayerSpec
+from ..engine.tuples import check_index_tuples, check_labels
+from ..errors import InputError
+from ..methods.criteria import weights_for_kind
+from .batch_norm import frozen_norm_statistics
+from .masking import check_mask_parameters, soft_mask
+from .mining_terms import SimilarityMiningLoss
+from .occurrence_maps import occurrence_maps
+
+__all__ = ["SAMLoss", "SAMLossParts"]
+
+
+@dataclass
+class SAMLossParts:
+    """The parts of the last :class:`SAMLoss` call, detached, for logging.
+
+    Attributes:
+        total: ``metric + gamma * mining``.
+        metric: the metric-learning loss ``L_ml`` on the unmasked embeddings.
+        mining: the mining term ``L_sm`` (zero when no tuple was mined or ``gamma=0``).
+        mining_tuples: how many tuples the mining term used.
+    """
+
+    total: Tensor
+    metric: Tensor
+    mining: Tensor
+    mining_tuples: int
+
+    def as_dict(self) -> dict[str, float]:
+        """Plain floats (synchronises with the device)."""
+        return {
+            "loss": float(self.total),
+            "metric_loss": float(self.metric),
+            "mining_loss": float(self.mining),
+            "mining_tuples": float(self.mining_tuples),
+        }
+
+
+ImagesOrTuple = Union[Tensor, Sequence[Tensor]]
+
+
+class SAMLoss(nn.Module):
+    r"""Metric-learning loss plus similarity mining: ``L = L_ml + gamma * L_sm``.
+
+    Args:
+        model: the embedding model being trained (maps ``(N, C, H, W)`` to ``(N, d)``);
+            may be wrapped in ``DistributedDataParallel``. It is not registered as a
+            submodule, so ``SAMLoss.parameters()`` holds only the metric loss's and the
+            miner's parameters.
+        metric_loss: ``L_ml`` on the unmasked embeddings: a pytorch-metric-learning loss
+            (called as ``loss(embeddings, labels, indices_tuple)``) or any callable. For
+            tuples of images a plain callable gets one embedding batch per slot
+            (``loss(fa, fp, fn)``, e.g. ``torch.nn.TripletMarginLoss()``; pairs:
+            ``loss(f1, f2, same_class)``); for a batch with labels it gets
+            ``(embeddings, labels, indices_tuple)``.
+        gamma: weight of the mining term (>= 0; the paper uses 0.25 for retrieval,
+            0.2 for re-identification). ``0`` skips the mining pass entirely.
+        layer: the layer whose maps mask the images (as in
+            :class:`~simexplain.EmbeddingAttribution`; ``None`` finds it).
+        alpha, beta: the soft mask's steepness (> 0) and threshold in [0, 1]
+            (:func:`soft_mask`).
+        miner: a pytorch-metric-learning miner used when a batch comes with labels but
+            no ``indices_tuple``.
+        max_mining_tuples: at most this many tuples (sampled at random) enter the mining
+            term. For a batch with labels the default is the batch size divided by the
+            tuple size, so the masked pass is no larger than the training pass; for
+            tuples of images the default is all of them.
+        relu: apply ReLU to the maps before masking (GradCAM's choice).
+        freeze_norm_statistics: keep BatchNorm running statistics unchanged during the
+            masked forward pass (see the module docs).
+        **layer_options: ``layout``, ``num_prefix_tokens`` or ``reshape_transform``: how to
+            read the layer's output, as for :class:`~simexplain.engine.SimilarityEngine`.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from simexplain.training import SAMLoss
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3),
+        ...                       nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        >>> criterion = SAMLoss(model, nn.TripletMarginLoss(margin=0.2), gamma=0.25, layer="2")
+        >>> anchor, positive, negative = torch.randn(3, 4, 3, 16, 16)
+        >>> loss = criterion((anchor, positive, negative))
+        >>> loss.backward()
+        >>> sorted(criterion.last.as_dict())
+        ['loss', 'metric_loss', 'mining_loss', 'mining_tuples']
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        metric_loss: Callable[..., Tensor],
+        gamma: float = 0.25,
+        layer: LayerSpec = None,
+        alpha: float = 10.0,
+        beta: float = 0.5,
+        *,
+        miner: Optional[Callable[..., Any]] = None,
+        max_mining_tuples: Optional[int] = None,
+        relu: bool = True,
+        freeze_norm_statistics: bool = True,
+        **layer_options: Any,
+    ) -> None:
+        super().__init__()
+        if not isinstance(gamma, (int, float)) or not math.isfinite(gamma) or gamma < 0:
+            raise InputError(
+                f"gamma must be a finite number >= 0 (the weight of the mining term), got {gamma!r}"
+            )
+        check_mask_parameters(alpha, beta)
+        if not callable(metric_loss):
+            raise InputError(f"metric_loss must be callable, got {type(metric_loss).__name__}")
+        if max_mining_tuples is not None and (
+            not isinstance(max_mining_tuples, int) or max_mining_tuples < 1
+        ):
+            raise InputError(f"max_mining_tuples must be a positive int, got {max_mining_tuples!r}")
+        self.engine = SimilarityEngine(model, layer, eval_mode=False, **layer_options)
+        self.metric_loss = metric_loss
+        self.miner = miner
+        self.gamma = float(gamma)
+        self.alpha = float(alpha)
+        self.beta = float(beta)
+        self.max_mining_tuples = max_mining_tuples
+        self.relu = relu
+        self.freeze_norm_statistics = freeze_norm_statistics
+        self.last: Optional[SAMLossParts] = None
+
+    @property
+    def model(self) -> nn.Module:
+        return self.engine.model
+
+    def extra_repr(self) -> str:
+        return f"gamma={self.gamma}, alpha={self.alpha}, beta={self.beta}"
+
+    def forward(
+        self,
+        inputs: ImagesOrTuple,
+        labels: Any = None,
+        indices_tuple: Optional[Sequence[Tensor]] = None,
+        *,
+        same_class: Any = None,
+        additional_forward_args: Any = None,
+    ) -> Tensor:
+        """The loss of one training step.
+
+        Args:
+            inputs: a tuple of 2, 3 or 4 image batches ``(B, C, H, W)`` (pairs,
+                triplets ``(anchor, positive, negative)``, quadruplets), or one batch
+                ``(N, C, H, W)`` with ``labels`` and a miner or ``indices_tuple``.
+            labels: for a batch, class labels ``(N,)``. For tuples, optional: one
+                label tensor ``(B,)`` per slot, checked against the roles (pairs: their
+                equality gives ``same_class``).
+            indices_tuple: for a batch, ``(a, p, n)`` triplets or pytorch-metric-
+                learning's pairs ``(a1, p, a2, n)``; otherwise ``miner`` is called.
+            same_class: pairs of images only: a bool ``(B,)`` (or one bool), whether
+                each pair is same-class; only same-class pairs have a mining term.
+            additional_forward_args: extra arguments for every forward call of the model.
+
+        Returns:
+            The scalar loss; its parts are in :attr:`last`.
+        """
+        args = as_forward_args(additional_forward_args)
+        if isinstance(inputs, Tensor):
+            return self._batch_step(inputs, labels, indices_tuple, args)
+        if indices_tuple is not None:
+            raise InputError(
+                "indices_tuple indexes one batch of images; for tuples of image batches "
+                "the roles are given by position, so pass indices_tuple=None"
+            )
+        return self._tuple_step(inputs, labels, same_class, args)
+
+    # -- the two ways of giving tuples -------------------------------------------------
+
+    def _tuple_step(self, inputs: Sequence[Tensor], labels: Any, same_class: Any, args: tuple):
+        slots = check_tuple_inputs(inputs)
+        count, batch = len(slots), slots[0].shape[0]
+        slot_labels = None
+        if labels is not None:
+            if not isinstance(labels, (tuple, list)) or len(labels) != count:
+                raise InputError(
+                    f"labels for {count} image batches must be a tuple of {count} label "
+                    "tensors (B,), one per slot"
+                )
+            stacked = check_labels(torch.stack([torch.as_tensor(y) for y in labels], 1), batch,
+                                   count)
+            slot_labels = stacked.to(slots[0].device)
+        if count == 2:
+            same = _pair_flags(same_class, slot_labels, batch).to(slots[0].device)
+        elif same_class is not None:
+            raise InputError("same_class is for pairs only; triplets and quadruplets have roles")
+        images = torch.cat(slots)
+        positions = [k * batch + torch.arange(batch, device=images.device) for k in range(count)]
+        activation, embeddings, layer = self._forward(images, args)
+        flat_labels = None if slot_labels is None else slot_labels.t().reshape(-1)
+        slot_embeddings = list(embeddings.reshape(count, batch, -1).unbind(0))
+
+        if _is_pml_loss(self.metric_loss):
+            if count == 2:
+                pml_tuple = (positions[0][same], positions[1][same],
+                             positions[0][~same], positions[1][~same])
+            elif count == 3:
+                pml_tuple = tuple(positions)
+            else:  # a quadruplet is two triplets sharing anchor and positive
+                a, p, n1, n2 = positions
+                pml_tuple = (torch.cat([a, a]), torch.cat([p, p]), torch.cat([n1, n2]))
+            metric = self.metric_loss(embeddings, flat_labels, indices_tuple=pml_tuple)
+        elif count == 2:
+            metric = self.metric_loss(slot_embeddings[0], slot_embeddings[1], same)
+        else:
+            metric = self.metric_loss(*slot_embeddings)
+
+        if count == 2:
+            mining_tuples = [positions[0][same], positions[1][same]]
+            kind = "same_pair"
+        else:
+            mining_tuples, kind = positions, ("triplet" if count == 3 else "quadruplet")
+        limit = self.max_mining_tuples
+        return self._finish(images, activation, embeddings, layer, metric, mining_tuples, kind,
+                            limit, args)
+
+    def _batch_step(self, images: Tensor, labels: Any, indices_tuple: Any, args: tuple):
+        check_tuple_inputs((images, images))
+        if labels is None:
+            raise InputError(
+                "a batch of images needs labels (N,) to form tuples; or pass a tuple of "
+                "image batches, e.g. (anchor, positive, negative)"
+            )
+        labels = torch.as_tensor(labels, device=images.device)
+        if labels.dim() != 1 or labels.shape[0] != images.shape[0] or labels.is_floating_point():
+            raise InputError(
+                f"labels must be integer class labels of shape ({images.shape[0]},), one per "
+                f"image; got {labels.dtype} of shape {tuple(labels.shape)}"
+            )
+        if indices_tuple is None and self.miner is None:
+            raise InputError(
+                "a batch of images with labels needs tuples: pass indices_tuple=(a, p, n) "
+                "or construct SAMLoss(..., miner=...) with a pytorch-metric-learning miner"
+            )
+        if indices_tuple is not None:
+            indices_tuple = check_index_tuples(labels, indices_tuple)
+        activation, embeddings, layer = self._forward(images, args)
+        if indices_tuple is None:
+            indices_tuple = check_index_tuples(labels, self.miner(embeddings, labels))
+        metric = self.metric_loss(embeddings, labels, indices_tuple=indices_tuple)
+        if len(indices_tuple) == 3:
+            mining_tuples, kind = list(indices_tuple), "triplet"
+        else:
+            mining_tuples, kind = list(indices_tuple[:2]), "same_pair"
+        limit = self.max_mining_tuples or math.ceil(images.shape[0] / len(mining_tuples))
+        return self._finish(images, activation, embeddings, layer, metric, mining_tuples, kind,
+                            limit, args)
+
+    # -- the shared step ---------------------------------------------------------------
+
+    def _forward(
+        self, images: Tensor, args: tuple
+    ) -> tuple[Optional[Tensor], Tensor, Optional[FeatureLayer]]:
+        if self.gamma == 0:  # no maps needed: a plain training forward
+            return None, embedding_matrix(self.model(images, *args), images.shape[0]), None
+        if not torch.is_grad_enabled():
+            raise InputError(
+                "SAMLoss with gamma > 0 differentiates the maps, so it needs gradients; it was "
+                "called under torch.no_grad(). For validation, call the metric loss alone"
+            )
+        layer = self.engine.feature_layer(images)
+        activation, embeddings = self.engine.forward(
+            images, layer, args, create_graph=True, check_finite=False
+        )
+        return activation, embeddings, layer
+
+    def _finish(
+        self,
+        images: Tensor,
+        activation: Optional[Tensor],
+        embeddings: Tensor,
+        layer: Optional[FeatureLayer],
+        metric: Tensor,
+        mining_tuples: list[Tensor],
+        kind: str,
+        limit: Optional[int],
+        args: tuple,
+    ) -> Tensor:
+        count = int(mining_tuples[0].numel())
+        if limit is not None and count > limit:
+            keep = torch.randperm(count, device=mining_tuples[0].device)[:limit]
+            mining_tuples = [t[keep] for t in mining_tuples]
+            count = limit
+        if self.gamma == 0 or count == 0:
+            mining = metric.detach().new_zeros(())
+            total = metric
+            count = 0 if self.gamma == 0 else count
+        else:
+            mining = self._mining_term(images, activation, embeddings, layer, mining_tuples,
+                                       kind, args)
+            total = metric + self.gamma * mining
+        self.last = SAMLossParts(total.detach(), metric.detach(), mining.detach(), count)
+        return total
+
+    def _mining_term(
+        self,
+        images: Tensor,
+        activation: Tensor,
+        embeddings: Tensor,
+        layer: FeatureLayer,
+        mining_tuples: list[Tensor],
+        kind: str,
+        args: tuple,
+    ) -> Tensor:
+        normalized = F.normalize(embeddings, dim=-1)
+        # w stays in the graph, so the gradient is that of L itself (finite differences agree)
+        weights = weights_for_kind(kind)(*[normalized[t] for t in mining_tuples])
+        occurrences = torch.cat(mining_tuples)  # image index of every (tuple, slot)
+        occurrence_weights = weights.repeat(len(mining_tuples), 1)
+        maps = occurrence_maps(self.engine, activation, normalized, layer, occurrences,
+                               occurrence_weights, images.shape[-2:], self.relu)
+        masked = soft_mask(images[occurrences], maps, self.alpha, self.beta)
+        with frozen_norm_statistics(self.model) if self.freeze_norm_statistics else nullcontext():
+            output = self.model(masked, *args)
+        masked_embeddings = embedding_matrix(output, masked.shape[0])
+        per_slot = masked_embeddings.reshape(len(mining_tuples), -1, masked_embeddings.shape[-1])
+        return SimilarityMiningLoss(kind)(*per_slot.unbind(0))
+
+
+def _pair_flags(same_class: Any, slot_labels: Optional[Tensor], batch: int) -> Tensor:
+    if same_class is None:
+        if slot_labels is None:
+            raise InputError(
+                "pairs need same_class= (a bool per pair) or labels=(labels1, labels2)"
+            )
+        return slot_labels[:, 0] == slot_labels[:, 1]
+    flags = torch.as_tensor(same_class)
+    if flags.dtype != torch.bool:
+        raise InputError(f"same_class must be booleans, got {flags.dtype}")
+    flags = flags.reshape(-1)
+    if flags.numel() == 1:
+        flags = flags.expand(batch)
+    if flags.numel() != batch:
+        raise InputError(f"same_class has {flags.numel()} entries for {batch} pairs")
+    if slot_labels is not None and bool((flags != (slot_labels[:, 0] == slot_labels[:, 1])).any()):
+        raise InputError("same_class disagrees with labels; pass one or the other")
+    return flags
+
+
+def _is_pml_loss(loss: Any) -> bool:
+    # A pml loss object implies its module is imported; importing it here would cost
+    # seconds on the first call for users of plain losses.
+    module = sys.modules.get("pytorch_metric_learning.losses")
+    return module is not None and isinstance(loss, module.BaseMetricLossFunction)
