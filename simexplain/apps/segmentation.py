@@ -15,7 +15,7 @@ image's size.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -164,8 +164,6 @@ def similarity_cue(
             f"test_image has shape {tuple(test_image.shape)}; pass one image (C, H, W) or "
             "(1, C, H, W); call segment once per test image"
         )
-    if not test.is_floating_point():
-        raise InputError(f"test_image has dtype {test.dtype}; convert images to float")
     channels, height, width = test.shape
     size = (height, width) if input_size is None else (int(input_size[0]), int(input_size[1]))
     device = model_device(model) or test.device
@@ -254,14 +252,13 @@ def segment(
     supports: Images,
     negatives: Optional[Images] = None,
     *,
-    layer: LayerSpec = None,
     method: str = "grabcut",
     threshold: float = 0.5,
     sure_background: float = 0.15,
     sure_foreground: float = 0.8,
     grabcut_iters: int = 5,
     min_similarity: Optional[float] = None,
-    input_size: Optional[tuple[int, int]] = None,
+    **cue_options: Any,
 ) -> SegmentationResult:
     """Segment the object that ``test_image`` shares with ``supports``, without their masks.
 
@@ -273,7 +270,6 @@ def segment(
         negatives: images of a class to ignore (the two-way case): triplets
             ``(test, support, negative)`` are explained instead of pairs. One negative is
             shared by all supports, or pass one per support.
-        layer: the spatial layer to explain (found automatically when ``None``).
         method: ``"grabcut"`` (needs OpenCV) or ``"threshold"`` (``map >= threshold``).
         threshold: map value from which a pixel is (probable) foreground.
         sure_background: map values at or below it seed GrabCut's definite background.
@@ -281,8 +277,10 @@ def segment(
         grabcut_iters: GrabCut iterations.
         min_similarity: if given, an empty mask when the mean cosine similarity of the
             test image to the supports is below it (the support shares nothing).
-        input_size: ``(H, W)`` to resize every image to for the model; by default
-            supports and negatives are resized to the test image's size.
+        **cue_options: ``layer`` (the spatial layer to explain, found automatically when
+            ``None``) and ``input_size`` (``(H, W)`` to resize every image to for the
+            model; by default supports and negatives are resized to the test image's
+            size), as for :func:`similarity_cue`.
 
     Returns:
         A :class:`SegmentationResult`. The mask is empty (``method == "empty"``) when the
@@ -314,7 +312,7 @@ def segment(
     if method == "grabcut":
         _cv2()  # fail before any model work
     maps, peaks, similarity, layer_name = similarity_cue(
-        model, test_image, supports, negatives, layer=layer, input_size=input_size
+        model, test_image, supports, negatives, **cue_options
     )
     cue = scale_maps(maps.mean(dim=0))
     empty = torch.zeros(cue.shape, dtype=torch.bool, device=cue.device)

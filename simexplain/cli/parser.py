@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 __all__ = ["PROG", "UsageError", "build_parser"]
 
@@ -77,11 +78,24 @@ def _retrieval_options() -> argparse.ArgumentParser:
 
 
 def build_parser() -> _Parser:
+    """The parser of every sub-command."""
     parser = _Parser(prog=PROG, description="Visual explanations for similarity models.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     model_options = _model_options()
     retrieval_options = _retrieval_options()
+    _add_explain(commands, model_options)
+    _add_explain_dir(commands, model_options, retrieval_options)
+    _add_report(commands, model_options, retrieval_options)
+    commands.add_parser(
+        "demo",
+        help="train a small embedding model offline and explain a pair, a triplet and a "
+        "quadruplet (see simexplain demo --help)",
+        add_help=False,
+    )
+    return parser
 
+
+def _add_explain(commands: Any, model_options: argparse.ArgumentParser) -> None:
     explain = commands.add_parser(
         "explain",
         parents=[model_options],
@@ -100,9 +114,11 @@ def build_parser() -> _Parser:
     explain.add_argument("--out", default="simexplain.png", help="figure file (.png, .pdf, .svg)")
     explain.add_argument("--dpi", type=int, default=150, help="figure resolution (default 150)")
 
+
+def _add_explain_dir(commands: Any, *parents: argparse.ArgumentParser) -> None:
     explain_dir = commands.add_parser(
         "explain-dir",
-        parents=[model_options, retrieval_options],
+        parents=list(parents),
         help="retrieve the top-k gallery matches of every query image and explain them",
         description="For each image in QUERY_DIR, rank the images of --gallery by cosine "
         "similarity and write a figure of the query and its top-k matches, each with its "
@@ -116,9 +132,11 @@ def build_parser() -> _Parser:
     )
     explain_dir.add_argument("--dpi", type=int, default=110, help="figure resolution (default 110)")
 
+
+def _add_report(commands: Any, *parents: argparse.ArgumentParser) -> None:
     report = commands.add_parser(
         "report",
-        parents=[model_options, retrieval_options],
+        parents=list(parents),
         help="retrieve the top-k gallery matches of queries and write a static HTML report",
         description="Rank the images of --gallery for every query and write a folder with "
         "index.html (open it in any browser, no server needed): one card per query with "
@@ -126,19 +144,11 @@ def build_parser() -> _Parser:
         "when images sit in class folders, and point-to-point maps: click a point of a "
         "query to see where each match resembles it.",
     )
-    report.add_argument(
-        "queries",
-        nargs="+",
-        metavar="QUERIES",
-        help="query image files or folders (images in sub-folders are labelled with the "
-        "sub-folder's name)",
-    )
-    report.add_argument(
-        "--gallery",
-        required=True,
-        metavar="DIR",
-        help="gallery folder (images in sub-folders are labelled with the sub-folder's name)",
-    )
+    labelled = "(images in sub-folders are labelled with the sub-folder's name)"
+    report.add_argument("queries", nargs="+", metavar="QUERIES",
+                        help=f"query image files or folders {labelled}")
+    report.add_argument("--gallery", required=True, metavar="DIR",
+                        help=f"gallery folder {labelled}")
     report.add_argument("--out", required=True, metavar="DIR", help="report folder")
     report.add_argument("--title", default="simexplain retrieval report", help="page title")
     report.add_argument(
@@ -153,11 +163,3 @@ def build_parser() -> _Parser:
         default=True,
         help="compute the clickable point-to-point maps (default: on)",
     )
-
-    commands.add_parser(
-        "demo",
-        help="train a small embedding model offline and explain a pair, a triplet and a "
-        "quadruplet (see simexplain demo --help)",
-        add_help=False,
-    )
-    return parser

@@ -139,19 +139,7 @@ def make_scenes(
 
     coords = torch.arange(s, dtype=torch.float32) + 0.5
     yy, xx = coords.view(1, s, 1), coords.view(1, 1, s)
-
-    base = 0.35 + 0.3 * torch.rand(n, 3, 1, 1, generator=g)
-    field = 0.2 * (torch.rand(n, 1, 5, 5, generator=g) - 0.5)
-    images = base + F.interpolate(field, size=(s, s), mode="bilinear", align_corners=False)
-    for _ in range(int(distractors)):
-        r = s * (0.03 + 0.04 * torch.rand(n, 1, 1, generator=g))
-        cy = s * torch.rand(n, 1, 1, generator=g)
-        cx = s * torch.rand(n, 1, 1, generator=g)
-        dist = torch.sqrt((yy - cy) ** 2 + (xx - cx) ** 2)
-        alpha = (r + 0.5 - dist).clamp_(0.0, 1.0).unsqueeze(1)
-        colour = saturated_colours(n, g).view(n, 3, 1, 1)
-        images.lerp_(colour.expand_as(images), alpha)
-
+    images = _cluttered_background(n, yy, xx, int(distractors), g)
     cells = torch.rand(n, 4, generator=g).argsort(dim=1)[:, :k]  # one grid cell per object
     masks = torch.zeros(n, k, s, s, dtype=torch.bool)
     colours = torch.zeros(n, k, 3)
@@ -181,3 +169,22 @@ def make_scenes(
         boxes=masks_to_boxes(masks),
         colours=colours,
     )
+
+
+def _cluttered_background(
+    n: int, yy: Tensor, xx: Tensor, distractors: int, g: torch.Generator
+) -> Tensor:
+    """``(n, 3, S, S)``: a muted colour, a smooth brightness field and soft colour blobs."""
+    s = yy.shape[1]
+    base = 0.35 + 0.3 * torch.rand(n, 3, 1, 1, generator=g)
+    field = 0.2 * (torch.rand(n, 1, 5, 5, generator=g) - 0.5)
+    images = base + F.interpolate(field, size=(s, s), mode="bilinear", align_corners=False)
+    for _ in range(distractors):
+        r = s * (0.03 + 0.04 * torch.rand(n, 1, 1, generator=g))
+        cy = s * torch.rand(n, 1, 1, generator=g)
+        cx = s * torch.rand(n, 1, 1, generator=g)
+        dist = torch.sqrt((yy - cy) ** 2 + (xx - cx) ** 2)
+        alpha = (r + 0.5 - dist).clamp_(0.0, 1.0).unsqueeze(1)
+        colour = saturated_colours(n, g).view(n, 3, 1, 1)
+        images.lerp_(colour.expand_as(images), alpha)
+    return images

@@ -88,44 +88,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     r0 = recall_at_1(model, data)
     print(f"untrained Recall@1 {r0:.3f} (chance about {1 / n_cls:.3f})")
 
-    def log(epoch: int, loss: float) -> None:
-        r1 = recall_at_1(model, data)
-        print(
-            f"epoch {epoch + 1}/{epochs}  triplet loss {loss:.4f}  held-out Recall@1 {r1:.3f}"
-            f"  ({time.perf_counter() - t_train:.1f}s)",
-            flush=True,
-        )
-
     t_train = time.perf_counter()
-    batch = 64 if args.quick else 128
-    train_triplet(
-        model,
-        data.train_images,
-        data.train_labels,
-        epochs,
-        batch_size=batch,
-        seed=args.seed,
-        on_epoch=log,
-    )
+    _train(model, data, epochs, batch_size=64 if args.quick else 128, seed=args.seed)
     t_train = time.perf_counter() - t_train
 
-    # Explain a same-class pair, a triplet and a quadruplet from the held-out split.
     t_explain = time.perf_counter()
-    feats = embed(model, data.test_images)
-    g = torch.Generator().manual_seed(args.seed + 1)
-    explanations, titles = [], []
-    for kind, label in (
-        ("same_pair", "same-class pair"),
-        ("triplet", "triplet"),
-        ("quadruplet", "quadruplet"),
-    ):
-        idx = pick_tuple(feats, data.test_labels, kind, g)
-        exp = explain(model, data.test_images[idx], data.test_labels[idx])
-        names = " / ".join(data.classes[int(c)] for c in data.test_labels[idx])
-        scores = ", ".join(f"{float(s):.3g}" for s in exp.scores[0])
-        print(f"{exp.kind}: {names}  scores s_i = [{scores}]")
-        explanations.append(exp)
-        titles.append(f"{label}: {names}")
+    explanations, titles = _explain_examples(model, data, seed=args.seed)
     t_explain = time.perf_counter() - t_explain
 
     t_plot = time.perf_counter()
@@ -141,3 +109,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(f"wrote {os.path.abspath(args.out)}")
     return 0
+
+
+def _train(model: nn.Module, data: DemoData, epochs: int, batch_size: int, seed: int) -> None:
+    """Train with a triplet loss, printing the loss and held-out Recall@1 after each epoch."""
+    started = time.perf_counter()
+
+    def log(epoch: int, loss: float) -> None:
+        print(
+            f"epoch {epoch + 1}/{epochs}  triplet loss {loss:.4f}  held-out Recall@1 "
+            f"{recall_at_1(model, data):.3f}  ({time.perf_counter() - started:.1f}s)",
+            flush=True,
+        )
+
+    train_triplet(
+        model, data.train_images, data.train_labels, epochs, batch_size=batch_size, seed=seed,
+        on_epoch=log,
+    )  # fmt: skip
+
+
+def _explain_examples(model: nn.Module, data: DemoData, seed: int) -> tuple[list, list[str]]:
+    """A same-class pair, a triplet and a quadruplet from the held-out split, explained."""
+    feats = embed(model, data.test_images)
+    g = torch.Generator().manual_seed(seed + 1)
+    explanations, titles = [], []
+    for kind, label in (
+        ("same_pair", "same-class pair"),
+        ("triplet", "triplet"),
+        ("quadruplet", "quadruplet"),
+    ):
+        idx = pick_tuple(feats, data.test_labels, kind, g)
+        exp = explain(model, data.test_images[idx], data.test_labels[idx])
+        names = " / ".join(data.classes[int(c)] for c in data.test_labels[idx])
+        scores = ", ".join(f"{float(s):.3g}" for s in exp.scores[0])
+        print(f"{exp.kind}: {names}  scores s_i = [{scores}]")
+        explanations.append(exp)
+        titles.append(f"{label}: {names}")
+    return explanations, titles

@@ -144,6 +144,12 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise InputError(f"{name}={value!r} is not one of {choices}")
 
 
+def _check_positive(**counts: Any) -> None:
+    for name, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InputError(f"{name} must be a positive integer, got {value!r}")
+
+
 def _check_slots(slots: Optional[Sequence[int]], num_slots: int) -> tuple[int, ...]:
     if slots is None:
         return tuple(range(num_slots))
@@ -234,10 +240,7 @@ def perturbation_curve(
             f"maps cover {tuple(grid.shape[:2])} (batch, slots) but the tuples are "
             f"{(images[0].shape[0], len(images))}; pass one map per image of every tuple"
         )
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise InputError(f"steps must be a positive integer, got {steps!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
+    _check_positive(steps=steps, batch_size=batch_size)
     if not blur_sigma > 0:
         raise InputError(f"blur_sigma must be positive, got {blur_sigma!r}")
     chosen = _check_slots(slots, len(images))

@@ -8,13 +8,13 @@ import torchvision
 from matplotlib.figure import Figure
 from PIL import Image
 
+from networks import resnet18
 from simexplain import Explanation, InputError, explain
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    return torchvision.models.resnet18(num_classes=16)
+    return resnet18(eval=False)
 
 
 @pytest.mark.parametrize(

@@ -54,3 +54,17 @@ def test_torchscript_checkpoint(tmp_path):
     same_outputs(loaded, model)
     with pytest.raises(ModelLoadError, match="needs no arch="):
         load_model(str(tmp_path / "model.pt"), arch="torchvision:resnet18")
+
+
+def test_library_errors_name_python_arguments(tmp_path):
+    """The command line translates them to its flags (tests/cli)."""
+    path = tmp_path / "weights.pt"
+    torch.save(load_model("torchvision:resnet18").state_dict(), path)
+    with pytest.raises(ModelLoadError, match="arch='timm:NAME' or arch='torchvision:NAME'"):
+        load_model(str(path))
+    with pytest.raises(ModelLoadError, match="arch= is for checkpoint files"):
+        load_model("torchvision:resnet18", arch="timm:resnet10t")
+    torch.save(torch.nn.Linear(2, 2), path)
+    with pytest.raises(ModelLoadError, match="never unpickles.*arch=") as error:
+        load_model(str(path))
+    assert "--" not in str(error.value)

@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torchvision
 from PIL import Image
 from torch import nn
 from torchvision import transforms as T
 
 from model_state import unchanged
+from networks import resnet18
 from simexplain.cli import main
 from simexplain.errors import InputError, MissingExtraError
 from simexplain.data.preprocessing import Preprocessing
@@ -60,9 +60,7 @@ def folders(tmp_path):
 
 @pytest.fixture
 def model():
-    net = torchvision.models.resnet18()
-    net.fc = nn.Identity()
-    return net.eval()
+    return resnet18(num_classes=None)
 
 
 def page_data(index_html):

@@ -7,7 +7,6 @@ matplotlib.use("Agg")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-import torchvision  # noqa: E402
 from captum.attr import LayerAttribution, NoiseTunnel  # noqa: E402
 from captum.attr import visualization as captum_viz  # noqa: E402
 from captum.metrics import infidelity, infidelity_perturb_func_decorator  # noqa: E402
@@ -15,6 +14,7 @@ from captum.metrics import sensitivity_max  # noqa: E402
 from matplotlib import colormaps  # noqa: E402
 from torch import nn  # noqa: E402
 
+from networks import resnet18
 from simexplain import EmbeddingAttribution, InputError, upsample_maps  # noqa: E402
 from simexplain.attribution import TupleScore, maps_to_input_shape, to_image_attr, visualize_map
 
@@ -46,8 +46,7 @@ def cnn():
 
 @pytest.fixture(scope="module")
 def resnet():
-    torch.manual_seed(0)
-    return torchvision.models.resnet18(num_classes=16).eval()
+    return resnet18()
 
 
 def images(count, batch, size=32, seed=1):

@@ -7,10 +7,10 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-import torchvision
 from captum.attr import LayerGradCam
 from torch import nn
 
+from networks import resnet18
 from simexplain import EmbeddingAttribution
 from simexplain.engine import default_chunk_size
 from simexplain.methods.criteria import triplet_weights
@@ -48,8 +48,7 @@ def _captum_maps(model, layer, slots, weights, relu):
 
 @pytest.fixture(scope="module")
 def resnet():
-    torch.manual_seed(0)
-    return torchvision.models.resnet18(num_classes=16).eval()
+    return resnet18()
 
 
 class GridView(nn.Module):

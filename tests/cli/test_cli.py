@@ -166,11 +166,11 @@ ERROR_CASES = {
     ),  # fmt: skip
     "checkpoint without --arch": (
         lambda t, imgs: [*imgs[:3], "--model", state_dict_of("torchvision:resnet18", t / "r.pt")],
-        ["holds weights only", "--arch"],
+        ["holds weights only", "--arch timm:NAME or --arch torchvision:NAME"],
     ),
     "pickled model object": (
         lambda t, imgs: [*imgs[:3], "--model", whole_pickled_model(t / "m.pt")],
-        ["never unpickles"],
+        ["never unpickles", "with --arch"],
     ),
     "truncated checkpoint": (
         lambda t, imgs: [*imgs[:3], "--model", truncated_checkpoint(t / "cut.pt"),

@@ -16,36 +16,10 @@ import torchvision
 from pytorch_metric_learning import losses, miners
 from torch import Tensor, nn
 
+from networks import conv_net
+
 GOLDEN_FILE = Path(__file__).with_name("golden.safetensors")
 SIZE = 16
-
-
-class ConvNet(nn.Module):
-    """Conv-BN-ReLU, conv-ReLU (the explained layer ``act``: 8x8 at 16 px), pool, head."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
-        self.relu = nn.ReLU()
-        self.conv2 = nn.Conv2d(8, 12, 3, stride=2, padding=1)
-        self.act = nn.ReLU()
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(12, 10)
-
-    def forward(self, x: Tensor, shift: Tensor | None = None) -> Tensor:
-        x = self.act(self.conv2(self.relu(self.bn(self.conv1(x)))))
-        f = self.fc(self.pool(x).flatten(1))
-        return f if shift is None else f + shift
-
-
-def conv_net(seed: int = 0) -> ConvNet:
-    torch.manual_seed(seed)
-    net = ConvNet()
-    with torch.no_grad():  # non-trivial BatchNorm statistics
-        net.bn.running_mean.uniform_(-0.2, 0.2)
-        net.bn.running_var.uniform_(0.5, 1.5)
-    return net.eval()
 
 
 def images(count: int, batch: int = 4, size: int = SIZE, seed: int = 1) -> tuple[Tensor, ...]:

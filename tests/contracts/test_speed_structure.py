@@ -23,11 +23,10 @@ from collections import Counter
 from contextlib import contextmanager
 
 import pytest
-import timm
 import torch
-import torchvision
 from torch import Tensor, nn
 
+from networks import resnet18, tiny_vit
 from simexplain import EmbeddingAttribution
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -38,15 +37,12 @@ BATCH = 2
 
 @pytest.fixture(scope="module")
 def resnet() -> nn.Module:
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=16)
-    return model.eval()
+    return resnet18()
 
 
 @pytest.fixture(scope="module")
 def vit() -> nn.Module:
-    torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2, num_classes=0).eval()
+    return tiny_vit()
 
 
 def triplet(size: int = SIZE) -> tuple[Tensor, ...]:

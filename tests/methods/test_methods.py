@@ -8,6 +8,7 @@ from captum.attr import LayerGradCam
 from torch import nn
 
 from model_state import unchanged
+from networks import gap_model, resnet18
 from simexplain import EmbeddingAttribution
 from simexplain.errors import InputError, LayerError
 from simexplain.methods import (
@@ -27,14 +28,6 @@ from simexplain.methods import (
 from simexplain.metrics import randomization_sanity
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def gap_model(head: bool, channels: int = 5, dim: int = 4) -> nn.Sequential:
-    """1x1 conv -> global average pool (-> Linear): every method has a closed form."""
-    layers = [nn.Conv2d(3, channels, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
-    if head:
-        layers.append(nn.Linear(channels, dim))
-    return nn.Sequential(*layers).double()
 
 
 def images(*shape):
@@ -62,8 +55,7 @@ def parts(model, x):
 
 @pytest.fixture(scope="module")
 def resnet():
-    torch.manual_seed(0)
-    return torchvision.models.resnet18(num_classes=16)
+    return resnet18(eval=False)
 
 
 # --------------------------------------------------------------------------- registry

@@ -13,6 +13,7 @@ from pytorch_metric_learning import losses, miners
 from torch import nn
 
 from model_state import assert_unchanged, snapshot
+from networks import small_net
 from simexplain import EmbeddingAttribution, InputError
 from simexplain.training import (
     SAMLoss,
@@ -25,20 +26,6 @@ from simexplain.training import (
 )
 
 SIZE = 12
-
-
-def small_net(batch_norm: bool = False, activation: type = nn.ReLU, dim: int = 6) -> nn.Sequential:
-    """Conv trunk, the explained layer "3", then pool and a linear head."""
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1),
-        nn.BatchNorm2d(8) if batch_norm else nn.Identity(),
-        activation(),
-        nn.Conv2d(8, 8, 3, padding=1),
-        activation(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(8, dim),
-    )
 
 
 def tuples(count: int, batch: int = 4, dtype=torch.float32) -> tuple[torch.Tensor, ...]:
