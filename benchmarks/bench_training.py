@@ -110,7 +110,7 @@ class Step:
         layer = CONFIGS[name][3]
         self.criteria = {
             "plain": SAMLoss(self.model, triplet_loss, gamma=0.0, layer=layer),
-            "sam": SAMLoss(self.model, triplet_loss, gamma=0.25, layer=layer),
+            "sam": SAMLoss(self.model, triplet_loss, gamma=0.25, layer=layer, method="sam"),
         }
 
     def _double_loss(self) -> Tensor:

@@ -99,7 +99,7 @@ def train_embedding(
     model = SmallEmbeddingNet(embedding_dim=64)
     if args.head == "none":  # the pooled post-ReLU features are the (non-negative) embedding
         model.proj = nn.Identity()
-    criterion = SAMLoss(model, triplet_metric(0.2), gamma=gamma, layer=LAYER)
+    criterion = SAMLoss(model, triplet_metric(0.2), gamma=gamma, layer=LAYER, method="sam")
     optimiser = torch.optim.Adam(model.parameters(), lr=args.lr)
     steps = args.epochs * (len(images) // args.batch_size)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, max(steps, 1), args.lr / 20)

@@ -24,6 +24,7 @@ tried (``--gamma``, ``--alpha``, ``--beta``, ``--steps`` ...). Usage::
 
     python benchmarks/reproduce_sam.py                       # 3 kinds x 2 methods x 3 seeds
     python benchmarks/reproduce_sam.py --kinds triplet --gamma 0.5 --steps 500
+    python benchmarks/reproduce_sam.py --methods psam        # masks from psam's maps
     python benchmarks/reproduce_sam.py --quick               # seconds; writes *_quick.*
 
 The default run (3 kinds x {untrained, baseline, SAM} x 3 seeds) takes about 17 minutes on
@@ -71,6 +72,9 @@ CONTRASTIVE_MARGIN, TRIPLET_MARGIN, SECOND_MARGIN = 0.5, 0.2, 0.1
 # settings that change a baseline run; the mining ones only change SAM runs
 TRAIN_SETTINGS = ("steps", "batch", "lr", "width", "dim", "train_limit", "test_limit")
 MINING_SETTINGS = ("gamma", "alpha", "beta")
+#: The methods whose maps drive the mining mask -> their label in the tables: the paper's
+#: SAM, and partner-aware SAM (simexplain's default, no reference: each tuple's own maps).
+MINING = {"sam": "SAM", "psam": "mining with psam"}
 
 
 # ------------------------------------------------------------------------------ losses
@@ -125,9 +129,10 @@ def train_and_evaluate(kind: str, method: str, seed: int, data, settings: dict) 
     """One run: train from scratch with ``seed``, return Recall@K on the test classes."""
     torch.manual_seed(seed)
     model = SmallEmbeddingNet(settings["dim"], in_channels=1, width=settings["width"])
-    gamma = settings["gamma"] if method == "sam" else 0.0
+    gamma = settings["gamma"] if method in MINING else 0.0
     criterion = SAMLoss(model, METRIC_LOSSES[kind], gamma=gamma, layer="features",
-                        alpha=settings["alpha"], beta=settings["beta"])
+                        alpha=settings["alpha"], beta=settings["beta"],
+                        method=method if method in MINING else "sam")
     optimiser = torch.optim.Adam(model.parameters(), lr=settings["lr"])
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
         optimiser, T_max=settings["steps"], eta_min=settings["lr"] * 0.05)
@@ -159,7 +164,7 @@ def train_and_evaluate(kind: str, method: str, seed: int, data, settings: dict) 
 
 def run_key(kind: str, method: str, seed: int, settings: dict) -> str:
     names = ("width", "dim", "test_limit") if method == "untrained" else TRAIN_SETTINGS
-    names += MINING_SETTINGS if method == "sam" else ()
+    names += MINING_SETTINGS if method in MINING else ()
     return json.dumps([kind, method, seed, {n: settings[n] for n in names}])
 
 
@@ -179,13 +184,15 @@ def mean_std(values: list[float]) -> str:
 
 
 def summary_rows(runs: dict, kind: str, settings: dict) -> list[str]:
-    """Table rows (baseline, SAM, paired difference) for one kind and one setting."""
+    """Table rows (baseline, each mining method, paired differences) for one kind and one
+    setting."""
     base = {r["seed"]: r for r in runs.values() if r["kind"] == kind and r["method"] == "baseline"
             and train_label(r["settings"]) == train_label(settings)}
-    sam = {r["seed"]: r for r in runs.values() if r["kind"] == kind and r["method"] == "sam"
-           and train_label(r["settings"]) == train_label(settings)
-           and mining_label(r["settings"]) == mining_label(settings)}
-    if not sam:
+    mined = {m: {r["seed"]: r for r in runs.values() if r["kind"] == kind and r["method"] == m
+                 and train_label(r["settings"]) == train_label(settings)
+                 and mining_label(r["settings"]) == mining_label(settings)} for m in MINING}
+    mined = {m: group for m, group in mined.items() if group}
+    if not mined:
         return []
     lines = []
     untrained = [r for r in runs.values() if r["kind"] == kind and r["method"] == "untrained"
@@ -195,10 +202,11 @@ def summary_rows(runs: dict, kind: str, settings: dict) -> list[str]:
         lines.append(f"| {kind} | untrained (random init) | {len(untrained)} | "
                      + " | ".join(mean_std([r["recall"][str(k)] for r in untrained]) for k in KS)
                      + " | - | 0 |")
-    for method, group in (("baseline", base), ("SAM", sam)):
+    for method, group in (("baseline", base), *((MINING[m], g) for m, g in mined.items())):
         recalls = [mean_std([r["recall"][str(k)] for r in group.values()]) for k in KS]
         seconds = statistics.mean(r["train_s"] for r in group.values()) if group else 0.0
-        paper = PAPER_R1[kind][0 if method == "baseline" else 1]
+        paper = PAPER_R1[kind][0 if method == "baseline" else 1] if method != MINING["psam"] \
+            else "-"
         lines.append(f"| {kind} | {method} | {len(group)} | " + " | ".join(recalls)
                      + f" | {paper} | {seconds:.0f} |")
     if untrained and base:
@@ -207,15 +215,17 @@ def summary_rows(runs: dict, kind: str, settings: dict) -> list[str]:
                   if s in seeds] for k in KS]
         lines.append(f"| {kind} | baseline − untrained (paired) | {len(gains[0])} | "
                      + " | ".join(mean_std(g) for g in gains) + " | - | - |")
-    paired = sorted(set(base) & set(sam))
-    if paired:
-        deltas = [[sam[s]["recall"][str(k)] - base[s]["recall"][str(k)] for s in paired]
+    for m, group in mined.items():
+        paired = sorted(set(base) & set(group))
+        if not paired:
+            continue
+        deltas = [[group[s]["recall"][str(k)] - base[s]["recall"][str(k)] for s in paired]
                   for k in KS]
         wins = sum(d > 0 for d in deltas[0])
-        lines.append(f"| {kind} | SAM − baseline (paired) | {len(paired)} | "
+        paper = f"{PAPER_R1[kind][1] - PAPER_R1[kind][0]:+.1f}" if m == "sam" else "-"
+        lines.append(f"| {kind} | {MINING[m]} − baseline (paired) | {len(paired)} | "
                      + " | ".join(mean_std(d) for d in deltas)
-                     + f" | {PAPER_R1[kind][1] - PAPER_R1[kind][0]:+.1f} "
-                     f"| R@1 up in {wins}/{len(paired)} seeds |")
+                     + f" | {paper} | R@1 up in {wins}/{len(paired)} seeds |")
     return lines
 
 
@@ -267,12 +277,12 @@ def write_markdown(path: Path, state: dict, defaults: dict) -> None:
         "import inside `SAMLoss`.",
     ]
     others = sorted({(train_label(r["settings"]), mining_label(r["settings"]), r["kind"])
-                     for r in runs.values() if r["method"] == "sam"}
+                     for r in runs.values() if r["method"] in MINING}
                     - {(train_label(defaults), mining_label(defaults), k) for k in KINDS})
     if others:
         lines += ["", "## Other settings tried", ""]
         for train, mining, kind in others:
-            settings = next(r["settings"] for r in runs.values() if r["method"] == "sam"
+            settings = next(r["settings"] for r in runs.values() if r["method"] in MINING
                             and train_label(r["settings"]) == train
                             and mining_label(r["settings"]) == mining)
             lines += [f"### {kind}: {train}; SAM: {mining}", "", *header,
@@ -282,7 +292,7 @@ def write_markdown(path: Path, state: dict, defaults: dict) -> None:
               "| train s |", "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in sorted(runs.values(), key=lambda r: (r["kind"], r["method"], r["seed"])):
         s = r["settings"]
-        label = train_label(s) + ("; " + mining_label(s) if r["method"] == "sam" else "")
+        label = train_label(s) + ("; " + mining_label(s) if r["method"] in MINING else "")
         parts = r["last_parts"]
         lines.append(f"| {r['kind']} | {r['method']} | {r['seed']} | {label} | "
                      + " | ".join(f"{100 * r['recall'][str(k)]:.1f}" for k in KS)
@@ -298,7 +308,7 @@ def write_markdown(path: Path, state: dict, defaults: dict) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
-    p.add_argument("--methods", nargs="+", choices=("untrained", "baseline", "sam"),
+    p.add_argument("--methods", nargs="+", choices=("untrained", "baseline", *MINING),
                    default=["untrained", "baseline", "sam"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=250)

@@ -56,6 +56,9 @@ parser.add_argument("--limit", type=int, default=3000, help="at most this many i
 parser.add_argument("--steps", type=int, default=250, help="training steps per model")
 parser.add_argument("--batch", type=int, default=32, help="triplets per step")
 parser.add_argument("--gamma", type=float, default=0.25, help="weight of the mining term")
+parser.add_argument("--method", default="sam", choices=("sam", "psam", "gradcam_cosine"),
+                    help="the maps that drive the mask: the paper's (default here, the "
+                    "larger gain in benchmarks/results/reproduce_sam.md) or partner-aware")
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--out", default="train_sam.png", help="the attention figure")
 parser.add_argument("--threads", type=int, default=1,
@@ -122,7 +125,7 @@ def triplet_loss(anchor, positive, negative):
 def train(gamma):
     torch.manual_seed(args.seed)  # both models start from the same weights ...
     model = SmallEmbeddingNet(embedding_dim=64, width=16)
-    criterion = SAMLoss(model, triplet_loss, gamma=gamma, layer="features")
+    criterion = SAMLoss(model, triplet_loss, gamma=gamma, layer="features", method=args.method)
     optimiser = torch.optim.Adam(model.parameters(), lr=2e-3)
     triplets = torch.Generator().manual_seed(args.seed)  # ... and see the same triplets
     model.train()

@@ -16,14 +16,15 @@ import torch
 from torch import Tensor, nn
 
 from ..data.preprocessing import ImageLike, preprocess_images, resolve_preprocessing
-from ..engine.engine import SimilarityEngine
+from ..engine.engine import TupleResult
 from ..engine.maps import image_maps
 from ..engine.state import model_device, model_dtype
 from ..engine.target_layer import LayerSpec
 from ..engine.tuples import ROLES, check_labels
 from ..errors import InputError
+from ..methods.base import get_method, score_methods
 from ..methods.criteria import WeightFn
-from ..methods.sam import SAMScore
+from ..methods.defaults import DEFAULT_METHOD
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -42,11 +43,13 @@ class Explanation:
         raw_maps: ``(B, T, h, w)`` maps at the layer's resolution.
         maps: ``(B, T, H, W)`` maps upsampled to the images and scaled to [0, 1].
         scores: ``(B, T)`` each image's score ``s_i = w . f_i``.
-        weights: ``(B, d)`` the weight vector ``w`` of each tuple.
+        weights: ``(B, d)`` the weight vector ``w`` of each tuple (paper SAM and its
+            variants), else ``None``.
         embeddings: ``(B, T, d)`` L2-normalised embeddings.
         labels: ``(B, T)`` the labels given, if any.
         layer: the name of the layer explained.
         mean, std: the normalisation of ``images``, used to display them.
+        method: the explanation method that made the maps (e.g. ``"psam"``).
     """
 
     images: Tensor
@@ -54,12 +57,13 @@ class Explanation:
     raw_maps: Tensor
     maps: Tensor
     scores: Tensor
-    weights: Tensor
+    weights: Optional[Tensor]
     embeddings: Tensor
     labels: Optional[Tensor] = None
     layer: str = ""
     mean: Optional[Sequence[float]] = None
     std: Optional[Sequence[float]] = None
+    method: str = DEFAULT_METHOD
 
     @property
     def roles(self) -> tuple[str, ...]:
@@ -84,8 +88,8 @@ class Explanation:
     def __repr__(self) -> str:
         batch, count = self.images.shape[:2]
         return (
-            f"Explanation(kind={self.kind!r}, tuples={batch}, images_per_tuple={count}, "
-            f"layer={self.layer!r}, scores={self.scores.tolist()})"
+            f"Explanation(kind={self.kind!r}, method={self.method!r}, tuples={batch}, "
+            f"images_per_tuple={count}, layer={self.layer!r}, scores={self.scores.tolist()})"
         )
 
 
@@ -127,6 +131,8 @@ def explain(
     labels: Any = None,
     layer: LayerSpec = None,
     *,
+    method: str = DEFAULT_METHOD,
+    reference: Optional[Tensor] = None,
     transform: Any = None,
     weight_fn: Optional[WeightFn] = None,
     relu: bool = True,
@@ -145,9 +151,19 @@ def explain(
             triplet (anchor, positive, negative), four a quadruplet. Optional for
             triplets and quadruplets, whose roles follow from their positions.
         layer: the layer to explain; ``None`` finds the last spatial layer.
+        method: the explanation method (a name of
+            :func:`~simexplain.methods.score_methods`): by default partner-aware SAM,
+            whose maps show what in each image matches its partners; ``"sam"`` is the
+            paper's formula, whose maps barely depend on the partner for L2-normalised
+            high-dimensional embeddings (docs/method.rst).
+        reference: ``"psam"`` only: embeddings ``(N, d)`` or images ``(N, C, H, W)`` like
+            the ones explained (a gallery, a few hundred images of the domain); the maps
+            then show what sets the partners apart from such images, which sharpens them
+            for pooled features.
         transform: preprocessing for paths / PIL images: a callable or torchvision
             weights (e.g. ``ResNet50_Weights.DEFAULT``).
-        weight_fn: explain a criterion of your own (see :mod:`simexplain.methods.criteria`).
+        weight_fn: ``"sam"`` only: explain a criterion of your own (see
+            :mod:`simexplain.methods.criteria`).
         relu: keep only positive evidence (GradCAM's ReLU).
         chunk_size: tuples per forward pass (default: see
             :func:`~simexplain.engine.default_chunk_size`).
@@ -161,8 +177,8 @@ def explain(
         >>> model = torchvision.models.resnet18(num_classes=32)
         >>> imgs = torch.randn(3, 3, 64, 64)          # anchor, positive, negative
         >>> exp = explain(model, imgs, labels=[0, 0, 1])
-        >>> exp.kind, tuple(exp.maps.shape)
-        ('triplet', (1, 3, 64, 64))
+        >>> exp.kind, exp.method, tuple(exp.maps.shape)
+        ('triplet', 'psam', (1, 3, 64, 64))
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -187,9 +203,8 @@ def explain(
     device = model_device(model) or torch.device("cpu")
     dtype = model_dtype(model) or batch_images.dtype
     slots = batch_images.to(device=device, dtype=dtype).unbind(1)
-    score = SAMScore(target, weight_fn=weight_fn)
-    result = SimilarityEngine(model, layer).attribute(slots, score, relu=relu,
-                                                       chunk_size=chunk_size)
+    result = _attribute(model, slots, target, layer, method, reference, weight_fn, relu,
+                        chunk_size)
     maps = image_maps(result.maps, batch_images.shape[-2:])
     return Explanation(
         images=batch_images.detach().cpu(),
@@ -197,10 +212,32 @@ def explain(
         raw_maps=result.maps.cpu(),
         maps=maps.cpu(),
         scores=result.scores.cpu(),
-        weights=result.weights.cpu(),
+        weights=None if result.weights is None else result.weights.cpu(),
         embeddings=result.embeddings.cpu(),
         labels=None if checked is None else checked.cpu(),
         layer=result.layer,
         mean=None if preprocessing is None else preprocessing.mean,
         std=None if preprocessing is None else preprocessing.std,
+        method=method,
     )
+
+
+def _attribute(
+    model: nn.Module,
+    slots: Sequence[Tensor],
+    target: Optional[Tensor],
+    layer: LayerSpec,
+    method: str,
+    reference: Optional[Tensor],
+    weight_fn: Optional[WeightFn],
+    relu: bool,
+    chunk_size: Optional[int],
+) -> TupleResult:
+    constructor = {} if reference is None else {"reference": reference}
+    options = {} if weight_fn is None else {"weight_fn": weight_fn}
+    built = get_method(method)
+    if not built.has_score():
+        raise InputError(f"explain runs a method with a per-image score: {score_methods()}")
+    instance = built.build(model, layer, **constructor)
+    score = instance.checked_score(target, **options)
+    return instance.engine.attribute(slots, score, relu=relu, chunk_size=chunk_size)

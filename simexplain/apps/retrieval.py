@@ -12,17 +12,25 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..attribution.embedding_attribution import EmbeddingAttribution
 from ..engine.maps import image_maps
 from ..engine.state import model_device
+from ..engine.target_layer import LayerSpec
 from ..errors import InputError, MissingExtraError
+from ..methods.defaults import DEFAULT_METHOD
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["faiss_available", "rank_gallery", "RetrievalExplanation", "explain_matches"]
+__all__ = [
+    "faiss_available",
+    "rank_gallery",
+    "RetrievalExplanation",
+    "explainer",
+    "explain_matches",
+]
 
 
 def faiss_available() -> bool:
@@ -139,6 +147,19 @@ class RetrievalExplanation:
             cmap=cmap,
             alpha=alpha,
         )
+
+
+def explainer(
+    model: nn.Module,
+    layer: LayerSpec = None,
+    method: str = DEFAULT_METHOD,
+    gallery: Optional[Tensor] = None,
+) -> EmbeddingAttribution:
+    """The attribution that explains retrieved pairs: ``method``'s maps, and for ``"psam"``
+    measured from the mean of the ``gallery``'s embeddings ``(G, d)`` when given (the
+    images a query is told apart from)."""
+    options = {"reference": gallery} if method == "psam" and gallery is not None else {}
+    return EmbeddingAttribution(model, layer, method=method, **options)
 
 
 def explain_matches(

@@ -22,12 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..engine.engine import SimilarityEngine
 from ..engine.maps import image_maps, scale_maps
 from ..engine.state import model_device
 from ..engine.target_layer import LayerSpec
 from ..errors import InputError, MissingExtraError
-from ..methods.sam import SAMScore
+from ..methods.base import get_method
+from ..methods.defaults import DEFAULT_METHOD
 
 __all__ = [
     "SegmentationResult",
@@ -39,7 +39,7 @@ __all__ = [
 
 Images = Union[Tensor, Sequence[Tensor]]
 
-METHODS = ("grabcut", "threshold")
+MASKS = ("grabcut", "threshold")
 
 
 @dataclass
@@ -49,19 +49,21 @@ class SegmentationResult:
     Attributes:
         mask: ``(H, W)`` bool foreground mask at the test image's size.
         map: ``(H, W)`` the averaged similarity map, scaled to ``[0, 1]``.
-        method: what made the mask: ``"grabcut"``, ``"threshold"`` or ``"empty"`` (the
+        mask_method: what made the mask: ``"grabcut"``, ``"threshold"`` or ``"empty"`` (the
             map had no positive evidence, or the supports were too dissimilar).
-        note: why the requested method was not used (empty when it was).
+        note: why the requested mask method was not used (empty when it was).
         similarity: ``(k,)`` cosine similarity of the test image to each support.
         layer: the layer explained.
+        method: the explanation method that made the map.
     """
 
     mask: Tensor
     map: Tensor
-    method: str
+    mask_method: str
     note: str
     similarity: Tensor
     layer: str
+    method: str = DEFAULT_METHOD
 
 
 def binary_iou(prediction: Tensor, target: Tensor) -> Tensor:
@@ -88,9 +90,9 @@ def _cv2():
         import cv2
     except ImportError as error:
         raise MissingExtraError(
-            "method='grabcut' needs OpenCV, which is not installed: run "
+            "mask='grabcut' needs OpenCV, which is not installed: run "
             "`pip install simexplain[seg]` (or `pip install opencv-python-headless`), "
-            "or use method='threshold'"
+            "or use mask='threshold'"
         ) from error
     return cv2
 
@@ -145,11 +147,13 @@ def similarity_cue(
     *,
     layer: LayerSpec = None,
     input_size: Optional[tuple[int, int]] = None,
+    method: str = DEFAULT_METHOD,
 ) -> tuple[Tensor, Tensor, Tensor, str]:
     """The test image's similarity maps against each support, at the test image's size.
 
     Pairs ``(test, support_i)`` are explained as same-class pairs; with negatives, triplets
-    ``(test, support_i, negative_i)`` (one negative is shared by all supports).
+    ``(test, support_i, negative_i)`` (one negative is shared by all supports). ``method``
+    names the explanation method (default partner-aware SAM; the paper used ``"sam"``).
 
     Returns:
         ``(maps, raw_peaks, similarity, layer)``: maps ``(k, H, W)`` each scaled to
@@ -180,7 +184,8 @@ def similarity_cue(
         slots.append(negative_batch.expand(k, -1, -1, -1))
     slots = [s.to(device=device, dtype=test.dtype).contiguous() for s in slots]
     target = torch.ones(k, dtype=torch.bool) if negatives is None else None
-    result = SimilarityEngine(model, layer).attribute(tuple(slots), SAMScore(target))
+    explainer = get_method(method).build(model, layer)
+    result = explainer.engine.attribute(tuple(slots), explainer.checked_score(target))
     raw = result.maps[:, 0]  # the test image's map in every tuple, (k, h, w), ReLU'd
     peaks = raw.flatten(1).amax(dim=1).clamp_min(0)
     maps = image_maps(raw, (height, width))
@@ -252,7 +257,7 @@ def segment(
     supports: Images,
     negatives: Optional[Images] = None,
     *,
-    method: str = "grabcut",
+    mask: str = "grabcut",
     threshold: float = 0.5,
     sure_background: float = 0.15,
     sure_foreground: float = 0.8,
@@ -270,7 +275,8 @@ def segment(
         negatives: images of a class to ignore (the two-way case): triplets
             ``(test, support, negative)`` are explained instead of pairs. One negative is
             shared by all supports, or pass one per support.
-        method: ``"grabcut"`` (needs OpenCV) or ``"threshold"`` (``map >= threshold``).
+        mask: how the map becomes a mask: ``"grabcut"`` (needs OpenCV) or
+            ``"threshold"`` (``map >= threshold``).
         threshold: map value from which a pixel is (probable) foreground.
         sure_background: map values at or below it seed GrabCut's definite background.
         sure_foreground: map values at or above it seed GrabCut's definite foreground.
@@ -278,12 +284,12 @@ def segment(
         min_similarity: if given, an empty mask when the mean cosine similarity of the
             test image to the supports is below it (the support shares nothing).
         **cue_options: ``layer`` (the spatial layer to explain, found automatically when
-            ``None``) and ``input_size`` (``(H, W)`` to resize every image to for the
+            ``None``), ``input_size`` (``(H, W)`` to resize every image to for the
             model; by default supports and negatives are resized to the test image's
-            size), as for :func:`similarity_cue`.
+            size) and ``method``, as for :func:`similarity_cue`.
 
     Returns:
-        A :class:`SegmentationResult`. The mask is empty (``method == "empty"``) when the
+        A :class:`SegmentationResult`. The mask is empty (``mask_method == "empty"``) when the
         averaged map has no positive value or ``min_similarity`` is not reached.
 
     Raises:
@@ -296,12 +302,12 @@ def segment(
         >>> net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
         ...                     nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
         >>> test, support = torch.rand(2, 3, 32, 32)
-        >>> result = segment(net, test, support, method="threshold")
+        >>> result = segment(net, test, support, mask="threshold")
         >>> result.mask.shape, result.mask.dtype, float(result.map.max()) <= 1
         (torch.Size([32, 32]), torch.bool, True)
     """
-    if method not in METHODS:
-        raise InputError(f"method must be one of {METHODS}, got {method!r}")
+    if mask not in MASKS:
+        raise InputError(f"mask must be one of {MASKS}, got {mask!r}")
     if not 0 <= sure_background < threshold <= sure_foreground <= 1:
         raise InputError(
             "need 0 <= sure_background < threshold <= sure_foreground <= 1, got "
@@ -309,26 +315,28 @@ def segment(
         )
     if grabcut_iters < 1:
         raise InputError(f"grabcut_iters must be >= 1, got {grabcut_iters}")
-    if method == "grabcut":
+    if mask == "grabcut":
         _cv2()  # fail before any model work
     maps, peaks, similarity, layer_name = similarity_cue(
         model, test_image, supports, negatives, **cue_options
     )
+    made = cue_options.get("method", DEFAULT_METHOD)
     cue = scale_maps(maps.mean(dim=0))
     empty = torch.zeros(cue.shape, dtype=torch.bool, device=cue.device)
     if not bool((peaks > 0).any()):
         note = "the test image's map is zero everywhere: no evidence shared with the supports"
-        return SegmentationResult(empty, cue, "empty", note, similarity, layer_name)
+        return SegmentationResult(empty, cue, "empty", note, similarity, layer_name, made)
     if min_similarity is not None and float(similarity.mean()) < min_similarity:
         note = (
             f"mean cosine similarity {float(similarity.mean()):.3f} to the supports is below "
             f"min_similarity={min_similarity}"
         )
-        return SegmentationResult(empty, cue, "empty", note, similarity, layer_name)
-    if method == "threshold":
-        return SegmentationResult(cue >= threshold, cue, "threshold", "", similarity, layer_name)
+        return SegmentationResult(empty, cue, "empty", note, similarity, layer_name, made)
+    if mask == "threshold":
+        return SegmentationResult(cue >= threshold, cue, "threshold", "", similarity, layer_name,
+                                  made)
     test = test_image[0] if test_image.dim() == 4 else test_image
-    mask, note = grabcut_mask(
+    found, note = grabcut_mask(
         test,
         cue,
         threshold=threshold,
@@ -337,4 +345,4 @@ def segment(
         iterations=grabcut_iters,
     )
     used = "threshold" if note else "grabcut"
-    return SegmentationResult(mask, cue, used, note, similarity, layer_name)
+    return SegmentationResult(found, cue, used, note, similarity, layer_name, made)

@@ -47,7 +47,6 @@ from ..attribution.embedding_attribution import EmbeddingAttribution
 from ..engine.engine import TupleResult
 from ..engine.state import model_device
 from ..errors import InputError
-from ..methods.criteria import WeightFn
 from .map_store import MapWriter, read_manifest
 
 __all__ = ["StreamItem", "explain_stream", "explain_to_disk", "unpack_batch"]
@@ -87,13 +86,12 @@ def explain_stream(
     total: Optional[int] = None,
     unpack: Optional[Unpack] = None,
     target: Any = None,
-    weight_fn: Optional[WeightFn] = None,
     chunk_size: Optional[int] = None,
     additional_forward_args: Any = None,
     relu_attributions: bool = True,
-    detach_weights: bool = True,
     device: Union[None, str, torch.device] = "auto",
     to_cpu: bool = True,
+    **score_options: Any,
 ) -> Iterator[StreamItem]:
     """Explain every tuple ``loader`` yields, one batch at a time; yield each batch's results.
 
@@ -109,17 +107,17 @@ def explain_stream(
         unpack: ``batch -> (slots, target)`` for loaders yielding another layout.
         target: the pair target used for batches that carry none (e.g. ``True`` when
             every pair is same-class); batch targets take precedence.
-        weight_fn: as for :meth:`EmbeddingAttribution.attribute`.
         chunk_size: tuples per forward pass; each loader batch is split into forward
             passes of at most that many tuples (default: see
             :func:`~simexplain.engine.default_chunk_size`).
         additional_forward_args: as for :meth:`EmbeddingAttribution.attribute`.
         relu_attributions: as for :meth:`EmbeddingAttribution.attribute`.
-        detach_weights: as for :meth:`EmbeddingAttribution.attribute`.
         device: where to move the images: ``"auto"`` (the model's device), ``None`` (leave
             them where the loader put them) or a device.
         to_cpu: move each result to the CPU before yielding it, so results kept by the
             caller do not hold accelerator memory.
+        **score_options: the attribution's method's options (e.g. ``weight_fn`` for
+            ``"sam"``), as for :meth:`EmbeddingAttribution.attribute_tuples`.
 
     Yields:
         :class:`StreamItem` per loader batch, as soon as it is computed. The generator
@@ -138,12 +136,8 @@ def explain_stream(
         total=_stream_total(loader) if total is None else int(total),
         unpack=unpack or unpack_batch,
         default_target=target,
-        options=dict(
-            weight_fn=weight_fn,
-            chunk_size=chunk_size,
-            relu_attributions=relu_attributions,
-            detach_weights=detach_weights,
-        ),
+        options=dict(chunk_size=chunk_size, relu_attributions=relu_attributions,
+                     **score_options),
         args=additional_forward_args,
         device=model_device(attribution.model) if device == "auto" else device,
         to_cpu=to_cpu,
@@ -221,7 +215,7 @@ def explain_to_disk(
     """Explain every tuple of ``loader`` into the directory ``path``; return its manifest.
 
     ``stream_options`` are those of :func:`explain_stream` (``progress``, ``chunk_size``,
-    ``target``, ``weight_fn``, ...). Read the result with :func:`load_maps`.
+    ``target``, the method's options, ...). Read the result with :func:`load_maps`.
     """
     writer = MapWriter(
         path,

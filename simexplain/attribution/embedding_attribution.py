@@ -1,25 +1,29 @@
-"""``EmbeddingAttribution``: paper SAM's maps for tuples of images, as a captum attribution.
+"""``EmbeddingAttribution``: similarity maps for tuples of images, as a captum attribution.
 
-It is the captum face of :class:`~simexplain.engine.SimilarityEngine` with the score
-:class:`~simexplain.methods.SAMScore`: ``attribute`` takes and returns what captum's
-layer attributions do, so captum's ``NoiseTunnel``, metrics and ``interpolate`` take it
-as it is (see :mod:`simexplain.attribution.tuple_score` for the bridges some need).
+It is the captum face of :class:`~simexplain.engine.SimilarityEngine` with the score of
+any GradCAM-style method of the registry (by default
+:data:`~simexplain.methods.DEFAULT_METHOD`, partner-aware SAM; ``method="sam"`` is the
+paper's). ``attribute`` takes and returns what captum's layer attributions do, so
+captum's ``NoiseTunnel``, metrics and ``interpolate`` take it as it is (see
+:mod:`simexplain.attribution.tuple_score` for the bridges some need).
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from captum.attr import GradientAttribution, LayerAttribution
 from captum.log import log_usage
 from torch import Tensor, nn
 
-from ..engine.engine import SimilarityEngine, TupleResult
+from ..engine.engine import TupleResult
 from ..engine.inputs import TensorOrTuple
 from ..engine.layouts import FeatureLayer
+from ..engine.score import SimilarityScore
 from ..engine.target_layer import LayerSpec
-from ..methods.criteria import WeightFn
-from ..methods.sam import SAMScore
+from ..errors import InputError
+from ..methods.base import SimilarityMethod, get_method, score_methods
+from ..methods.defaults import DEFAULT_METHOD
 
 __all__ = ["EmbeddingAttribution"]
 
@@ -31,10 +35,15 @@ class EmbeddingAttribution(LayerAttribution, GradientAttribution):
         model: maps a batch ``(N, C, H, W)`` to embeddings ``(N, d)``.
         layer: the spatial layer to explain: ``None`` (found automatically on the first
             call), a dotted module name such as ``"layer4"``, or the module itself.
-        **engine_options: as for :class:`~simexplain.engine.SimilarityEngine`: how to read
-            the layer's output where the model's metadata does not tell (``layout``,
-            ``num_prefix_tokens``, ``reshape_transform``), and ``eval_mode`` (default
-            ``True``; ``False`` keeps the model's mode, e.g. to train with the maps).
+        method: the explanation method, a name of the registry with a per-image score
+            (:func:`~simexplain.methods.score_methods`; default
+            :data:`~simexplain.methods.DEFAULT_METHOD`), or a method built already.
+        **options: the method's own (``reference=`` for ``"psam"``, ``head=`` for
+            ``"bce_gradcam"``) and the engine's, as for
+            :class:`~simexplain.engine.SimilarityEngine`: how to read the layer's output
+            where the model's metadata does not tell (``layout``, ``num_prefix_tokens``,
+            ``reshape_transform``) and ``eval_mode`` (default ``True``; ``False`` keeps
+            the model's mode, e.g. to train with the maps).
 
     Example:
         >>> import torch, torchvision
@@ -55,9 +64,29 @@ class EmbeddingAttribution(LayerAttribution, GradientAttribution):
         self,
         model: nn.Module,
         layer: LayerSpec = None,
-        **engine_options: Any,
+        *,
+        method: Union[str, SimilarityMethod] = DEFAULT_METHOD,
+        **options: Any,
     ) -> None:
-        self.engine = SimilarityEngine(model, layer, **engine_options)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(method, SimilarityMethod):
+            if method.model is not model or layer is not None or options:
+                raise InputError(
+                    "a built method brings its model, layer and options; pass "
+                    "EmbeddingAttribution(model, method=method) with the method's own model"
+                )
+            built = method
+        else:
+            cls = get_method(method)
+            if not cls.has_score():
+                raise InputError(
+                    f"method {method!r} is not GradCAM of a per-image score; "
+                    f"EmbeddingAttribution runs one of {score_methods()}"
+                )
+            built = cls.build(model, layer, **options)
+        self.method = built
+        self.engine = built.engine
         resolved = layer if isinstance(layer, nn.Module) else None
         LayerAttribution.__init__(self, model, resolved)
         GradientAttribution.__init__(self, model)
@@ -96,8 +125,8 @@ class EmbeddingAttribution(LayerAttribution, GradientAttribution):
                 whose first dimension is ``B`` is per tuple (captum's convention, so
                 ``NoiseTunnel`` can expand it): it is cut to each chunk and repeated for
                 every slot. Anything else is passed unchanged to every call.
-            **options: ``weight_fn``, ``relu_attributions``, ``detach_weights``,
-                ``create_graph``, ``chunk_size``, as for :meth:`attribute_tuples`.
+            **options: ``relu_attributions``, ``create_graph``, ``chunk_size`` and the
+                method's score options, as for :meth:`attribute_tuples`.
 
         Returns:
             One tensor ``(B, 1, h, w)`` per slot.
@@ -111,32 +140,30 @@ class EmbeddingAttribution(LayerAttribution, GradientAttribution):
         target: Any = None,
         additional_forward_args: Any = None,
         *,
-        weight_fn: Optional[WeightFn] = None,
         relu_attributions: bool = True,
-        detach_weights: bool = True,
         create_graph: bool = False,
         chunk_size: Optional[int] = None,
+        **score_options: Any,
     ) -> TupleResult:
-        """Like :meth:`attribute`, also returning scores, ``w`` and embeddings.
+        """Like :meth:`attribute`, also returning scores, the method's ``w`` (paper SAM)
+        and the embeddings.
 
         Args:
             inputs, target, additional_forward_args: as for :meth:`attribute`.
-            weight_fn: explain another criterion: a function of the slots' normalised
-                embeddings ``(B, d)`` returning ``w`` ``(B, d)``; ``target`` is then
-                ignored. See :mod:`simexplain.methods.criteria`.
             relu_attributions: apply ReLU to the maps (GradCAM's choice).
-            detach_weights: treat ``w`` as a constant (one backward pass). ``False``
-                also differentiates through ``w``, one backward pass per slot.
             create_graph: build a graph through the maps so they can be trained with.
             chunk_size: tuples per forward pass; it bounds memory. Default: up to 32 on
                 an accelerator; on a CPU, as many as hold about six 224 px images (whole
                 large batches run slower there), see
                 :func:`~simexplain.engine.default_chunk_size`.
+            **score_options: the method's, e.g. for ``"sam"`` ``weight_fn`` (another
+                criterion, see :mod:`simexplain.methods.criteria`) and ``detach_weights``
+                (``False`` also differentiates through ``w``); for ``"psam"`` and
+                ``"gradcam_cosine"`` ``coefficients``.
         """
-        score = SAMScore(target, weight_fn=weight_fn, detach_weights=detach_weights)
         result = self.engine.attribute(
             inputs,
-            score,
+            self.score(target, **score_options),
             additional_forward_args,
             relu=relu_attributions,
             create_graph=create_graph,
@@ -144,3 +171,7 @@ class EmbeddingAttribution(LayerAttribution, GradientAttribution):
         )
         self.layer = self.engine.model.get_submodule(result.layer)
         return result
+
+    def score(self, target: Any = None, **score_options: Any) -> SimilarityScore:
+        """The method's per-image score for ``target`` and its options."""
+        return self.method.checked_score(target, **score_options)

@@ -17,38 +17,37 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..engine.inputs import TensorOrTuple, as_forward_args, is_per_tuple, tuple_forward_args
 from ..engine.maps import upsample_maps
 from ..errors import InputError
-from ..methods.criteria import WeightFn
 from .embedding_attribution import EmbeddingAttribution
 
 __all__ = ["TupleScore", "maps_to_input_shape"]
 
 
 class TupleScore:
-    r"""Forward function for captum's metrics: the tuple's total similarity score.
+    r"""Forward function for captum's metrics: the tuple's total explained score.
 
-    For the tuple ``b`` of the batch it returns ``sum_i w_b . normalize(f(x_i))``, the sum
-    over the slots of the scores that :class:`~simexplain.EmbeddingAttribution` explains.
-    ``w`` is computed once, from the unperturbed ``inputs``, and then held fixed, so each
-    slot's map explains its own term of the sum. A call may hold ``k`` copies of each tuple
-    in a row (captum's ``repeat_interleave`` layout, ``k * B`` rows per slot); tuple ``b``'s
-    ``w`` is used for rows ``b * k`` to ``b * k + k - 1``.
+    For tuple ``b`` it returns ``sum_i s_i``, the sum over the slots of the per-image
+    scores that the attribution's method explains, each image's score computed with its
+    partners (and anything derived from them, such as paper SAM's ``w``) held at the
+    unperturbed ``inputs``. So each slot's map explains its own term of the sum. A call
+    may hold ``k`` copies of each tuple in a row (captum's ``repeat_interleave`` layout,
+    ``k * B`` rows per slot); tuple ``b`` is held for rows ``b * k`` to ``b * k + k - 1``.
 
     Args:
-        attribution: the attribution whose maps are evaluated; its model, mode and
-            ``additional_forward_args`` convention are used.
+        attribution: the attribution whose maps are evaluated; its model, method, mode
+            and ``additional_forward_args`` convention are used.
         inputs: the unperturbed tuple, as passed to ``attribution.attribute``.
         target: pairs only: whether each pair is same-class, a bool tensor ``(B,)``.
-        weight_fn: the custom criterion, if the maps were computed with one.
         additional_forward_args: extra arguments passed unchanged to every model call.
+        **score_options: the method's options the maps were computed with (e.g.
+            ``weight_fn`` for ``"sam"``).
 
     Attributes:
-        weights: ``(B, d)`` the fixed weight vectors.
+        weights: ``(B, d)`` paper SAM's fixed ``w`` (``None`` for other methods).
 
     Example:
         >>> import torch
@@ -68,16 +67,25 @@ class TupleScore:
         inputs: TensorOrTuple,
         target: Any = None,
         *,
-        weight_fn: Optional[WeightFn] = None,
         additional_forward_args: Any = None,
+        **score_options: Any,
     ) -> None:
         result = attribution.attribute_tuples(
-            inputs, target, additional_forward_args, weight_fn=weight_fn
+            inputs, target, additional_forward_args, **score_options
         )
         self.attribution = attribution
-        self.weights: Tensor = result.weights
+        self.target = target
+        self.score_options = score_options
+        self.weights: Optional[Tensor] = result.weights
         self.num_slots: int = result.maps.shape[1]
         self.model_args = as_forward_args(additional_forward_args)
+        slots = list(inputs)
+        # the tuple's own embeddings, as the method's score sees them (not normalised)
+        args = tuple_forward_args(self.model_args, slots[0].shape[0], 0, slots[0].shape[0],
+                                  len(slots))
+        with torch.no_grad():
+            held = attribution.engine.embed(torch.cat(slots), args)
+        self.embeddings: Tensor = held.reshape(len(slots), slots[0].shape[0], -1)  # (T, B, d)
 
     def __call__(self, *slots: Tensor) -> Tensor:
         """Score ``(N,)`` of each tuple in ``slots`` (one ``(N, C, H, W)`` batch per slot)."""
@@ -86,23 +94,25 @@ class TupleScore:
                 f"TupleScore got {len(slots)} arguments but was built for "
                 f"{self.num_slots}-image tuples; pass one image batch per slot, in order"
             )
-        rows, tuples = slots[0].shape[0], self.weights.shape[0]
+        rows, tuples = slots[0].shape[0], self.embeddings.shape[1]
         if any(s.shape[0] != rows for s in slots) or rows % tuples != 0:
             raise InputError(
                 f"TupleScore got slots with {[s.shape[0] for s in slots]} rows for {tuples} "
                 "tuples; each slot must hold k copies of every tuple in a row (k * B rows)"
             )
         copies = rows // tuples
-        weights = self.weights.repeat_interleave(copies, dim=0)
+
+        def copied(x: Any) -> Any:
+            return x.repeat_interleave(copies, dim=0) if is_per_tuple(x, tuples) else x
+
         # per-tuple tensor arguments (B, ...) follow the copies, then every slot
-        args = tuple(
-            a.repeat_interleave(copies, dim=0) if is_per_tuple(a, tuples) else a
-            for a in self.model_args
-        )
-        args = tuple_forward_args(args, rows, 0, rows, len(slots))
+        args = tuple_forward_args(tuple(map(copied, self.model_args)), rows, 0, rows, len(slots))
+        score = self.attribution.score(copied(self.target), **self.score_options)
+        held = self.embeddings.repeat_interleave(copies, dim=1)
+        fixed = score.bind(len(slots), rows).fixed_at(held.to(slots[0].device))
         embeddings = self.attribution.engine.embed(torch.cat(slots), args)
-        normalized = F.normalize(embeddings, dim=-1).reshape(len(slots), rows, -1)
-        return (weights * normalized).sum(dim=(0, 2))
+        per_slot = embeddings.reshape(len(slots), rows, -1)
+        return sum(fixed(k, per_slot[k]) for k in range(len(slots)))
 
 
 def maps_to_input_shape(

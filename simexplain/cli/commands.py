@@ -100,7 +100,8 @@ def explain_command(args: argparse.Namespace) -> int:
     _check_figure_format(Path(args.out).suffix or ".png")
     images = [load_image(path) for path in args.images]  # fails before the model loads
     model, _, transform = _load(args)
-    exp = explain(model, images, labels=args.labels, layer=args.layer, transform=transform)
+    exp = explain(model, images, labels=args.labels, layer=args.layer, transform=transform,
+                  method=args.method)
     scores = ", ".join(f"{role} {float(s):.3g}" for role, s in zip(exp.roles, exp.scores[0]))
     print(f"{exp.kind.replace('_', ' ')} explained at layer {exp.layer!r}: scores {scores}")
     out = Path(args.out)
@@ -131,8 +132,7 @@ def _figure_names(queries: Sequence[Path], file_format: str) -> list[str]:
 def explain_dir_command(args: argparse.Namespace) -> int:
     from .._files import atomic_write
     from ..apps.gallery import embed_images
-    from ..apps.retrieval import explain_matches, rank_gallery
-    from ..attribution.embedding_attribution import EmbeddingAttribution
+    from ..apps.retrieval import explain_matches, explainer, rank_gallery
     from ..data.image_files import list_images
     from ..data.preprocessing import preprocess_images
     from ..viz.figures import save_figure
@@ -157,7 +157,7 @@ def explain_dir_command(args: argparse.Namespace) -> int:
         )
     similarities, indices = rank_gallery(query_embeddings, gallery_embeddings, args.top_k)
 
-    attribution = EmbeddingAttribution(model, args.layer)
+    attribution = explainer(model, args.layer, args.method, gallery_embeddings)
     names = _figure_names(queries, file_format)
     with progress_bar(len(queries), "explaining queries", "img", args.progress) as bar:
         for query, name, row in zip(queries, names, indices.tolist()):
@@ -209,6 +209,7 @@ def report_command(args: argparse.Namespace) -> int:
         preprocessing=preprocessing,
         top_k=args.top_k,
         layer=args.layer,
+        method=args.method,
         point_maps=args.point_maps,
         batch_size=args.batch_size,
         cache=args.cache,

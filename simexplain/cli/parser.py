@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..methods.base import score_methods
+from ..methods.defaults import DEFAULT_METHOD
+
 __all__ = ["PROG", "UsageError", "build_parser"]
 
 PROG = "simexplain"
@@ -48,6 +51,14 @@ def _model_options() -> argparse.ArgumentParser:
         help="keep the classification layer (default: embed with the pooled features)",
     )
     group.add_argument("--layer", help="dotted name of the layer to explain (default: found)")
+    group.add_argument(
+        "--method",
+        default=DEFAULT_METHOD,
+        choices=score_methods(standalone=True),
+        help=f"explanation method (default {DEFAULT_METHOD}: partner-aware SAM, which "
+        "shows what in each image matches the other; sam is the paper's formula, whose "
+        "maps barely depend on the partner)",
+    )
     group.add_argument(
         "--size",
         type=int,

@@ -14,6 +14,7 @@ Nothing here downloads anything:
 """
 
 from . import (
+    photo_scenes,
     fashion_mnist,
     image_files,
     preprocessing,
@@ -24,6 +25,7 @@ from . import (
 )
 from .shapes import *  # noqa: F403
 from .scenes import *  # noqa: F403
+from .photo_scenes import *  # noqa: F403
 from .fashion_mnist import *  # noqa: F403
 from .retrieval_benchmarks import *  # noqa: F403
 from .image_files import *  # noqa: F403
@@ -33,6 +35,7 @@ from .tuples import *  # noqa: F403
 __all__ = [
     *shapes.__all__,
     *scenes.__all__,
+    *photo_scenes.__all__,
     *fashion_mnist.__all__,
     *retrieval_benchmarks.__all__,
     *image_files.__all__,

@@ -20,7 +20,7 @@ A new method is a subclass that implements ``__call__``::
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 from torch import Tensor, nn
 
@@ -77,3 +77,17 @@ class SimilarityScore:
         """Modules the score runs besides the model (e.g. a classifier head); the engine
         puts them in eval mode and restores them as it does the model."""
         return ()
+
+    def fixed_at(self, embeddings: Tensor) -> Callable[[int, Tensor], Tensor]:
+        """``score(slot, f)``: the score ``(N,)`` of images embedded as ``f`` ``(N, d)`` in
+        slot ``slot``, their partners (and anything computed from them) held at the
+        tuple's ``embeddings`` ``(T, N, d)``. The function captum's metrics perturb
+        (:class:`~simexplain.attribution.TupleScore`); by default it puts ``f`` in place of
+        the slot's embeddings and reads the slot's score."""
+
+        def score(slot: int, f: Tensor) -> Tensor:
+            mixed = embeddings.clone()
+            mixed[slot] = f
+            return self(mixed).values[:, slot]
+
+        return score

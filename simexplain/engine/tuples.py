@@ -8,7 +8,7 @@ pytorch-metric-learning's miners return them (:func:`check_index_tuples`).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -19,6 +19,8 @@ __all__ = [
     "TUPLE_SIZES",
     "ROLES",
     "size_kind",
+    "tuple_kind",
+    "check_target",
     "check_labels",
     "check_index_tuples",
 ]
@@ -53,6 +55,50 @@ def size_kind(num_slots: int) -> str:
         return {2: "pair", 3: "triplet", 4: "quadruplet"}[num_slots]
     except KeyError:
         raise InputError(f"tuples have 2, 3 or 4 images; got {num_slots}") from None
+
+
+def tuple_kind(num_slots: int, same_class: Optional[Tensor], custom: bool) -> str:
+    """Name the kind of tuple explained from its size and, for pairs, ``same_class``."""
+    if custom:
+        return "custom"
+    if num_slots == 2:
+        if same_class is None:
+            return "pair"
+        if bool(same_class.all()):
+            return "same_pair"
+        return "different_pair" if not bool(same_class.any()) else "pair"
+    return "triplet" if num_slots == 3 else "quadruplet"
+
+
+def check_target(target: Any, num_slots: int, batch: int) -> Optional[Tensor]:
+    """Pairs' same-class flags ``(B,)`` from ``target``; ``None`` for larger tuples."""
+    if num_slots != 2:
+        if target is not None:
+            raise InputError(
+                f"target is only used for pairs (same-class or not); a {num_slots}-image "
+                "tuple has its roles fixed by position, so pass target=None"
+            )
+        return None
+    if target is None:
+        raise InputError(
+            "pairs need target: a bool tensor (B,) saying whether each pair is same-class "
+            "(True) or different-class (False); or pass weight_fn= for another criterion"
+        )
+    try:
+        flags = torch.as_tensor(target).reshape(-1)
+    except (TypeError, ValueError, RuntimeError):
+        raise InputError(f"target must hold booleans (same-class or not), got {target!r}") from None
+    if flags.dtype != torch.bool:
+        if flags.is_floating_point() or not bool(((flags == 0) | (flags == 1)).all()):
+            raise InputError(f"target must hold booleans (same-class or not), got {target!r}")
+        flags = flags.bool()
+    if flags.numel() == 1:
+        flags = flags.expand(batch)
+    if flags.numel() != batch:
+        raise InputError(
+            f"target has {flags.numel()} entries for {batch} pairs; pass one bool per pair"
+        )
+    return flags
 
 
 def check_labels(labels: Any, batch: int, count: int) -> Tensor:

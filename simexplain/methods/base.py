@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, ClassVar, Optional, Sequence
 
 from torch import Tensor, nn
@@ -12,10 +13,19 @@ from ..engine.score import SimilarityScore
 from ..engine.target_layer import LayerSpec
 from ..errors import InputError
 
-__all__ = ["METHODS", "SimilarityMethod", "register_method", "get_method"]
+__all__ = ["METHODS", "SimilarityMethod", "register_method", "get_method", "score_methods"]
 
 #: Registered methods, name -> class.
 METHODS: dict[str, type["SimilarityMethod"]] = {}
+
+#: The engine's options every method passes on (see :class:`~simexplain.engine.SimilarityEngine`).
+ENGINE_OPTIONS = ("layout", "num_prefix_tokens", "reshape_transform", "eval_mode")
+
+
+def _named_parameters(function: Callable) -> list[str]:
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [n for n, p in inspect.signature(function).parameters.items() if p.kind in kinds]
+
 
 TensorTuple = Sequence[Tensor]
 
@@ -35,6 +45,26 @@ def register_method(cls: type["SimilarityMethod"]) -> type["SimilarityMethod"]:
         raise ValueError(f"a method named {name!r} is already registered: {METHODS[name]}")
     METHODS[name] = cls
     return cls
+
+
+def score_methods(standalone: bool = False) -> list[str]:
+    """The registered methods that are GradCAM of a per-image score; with ``standalone``,
+    only those that need nothing but the model and layer (e.g. not a trained head).
+
+    >>> "psam" in score_methods(standalone=True), "bce_gradcam" in score_methods(True)
+    (True, False)
+    """
+    return sorted(
+        name for name, cls in METHODS.items()
+        if cls.has_score() and not (standalone and _required_options(cls))
+    )
+
+
+def _required_options(cls: type["SimilarityMethod"]) -> list[str]:
+    parameters = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    return [p.name for p in parameters if p.default is inspect.Parameter.empty
+            and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                           inspect.Parameter.KEYWORD_ONLY) and p.name != "model"]
 
 
 def get_method(name: str) -> type["SimilarityMethod"]:
@@ -71,6 +101,9 @@ class SimilarityMethod:
     name: ClassVar[str] = ""
     #: The tuple sizes the method explains.
     tuple_sizes: ClassVar[tuple[int, ...]] = (2, 3, 4)
+    #: Whether the maps stay the same when the embedding space is rotated (an orthogonal
+    #: map of the embedding changes no distance); checked by the property tests.
+    rotation_invariant: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module, layer: LayerSpec = None, **layer_options: Any) -> None:
         self.engine = SimilarityEngine(model, layer, **layer_options)
@@ -80,6 +113,40 @@ class SimilarityMethod:
     def explain(self, tuples: TensorTuple, **kwargs: Any) -> Tensor:
         """Raw maps ``(B, T, h, w)``, one per image of each tuple, at layer resolution."""
         raise NotImplementedError
+
+    def score(self, target: Any = None, **options: Any) -> SimilarityScore:
+        """The per-image score a GradCAM-style method explains, for pairs' ``target``
+        (same-class flags) and the method's options; what
+        :class:`~simexplain.EmbeddingAttribution` runs for this method."""
+        raise InputError(
+            f"method {self.name!r} is not GradCAM of a per-image score, so it has no score "
+            f"for EmbeddingAttribution; use one of {sorted(score_methods())}, or "
+            f"get_method({self.name!r})(model).explain(tuples)"
+        )
+
+    @classmethod
+    def has_score(cls) -> bool:
+        """Whether the method is GradCAM of a per-image score (see :meth:`score`)."""
+        return cls.score is not SimilarityMethod.score
+
+    @classmethod
+    def build(cls, model: nn.Module, layer: LayerSpec = None, **options: Any) -> "SimilarityMethod":
+        """The method for ``model``, with a clear error for options it does not take."""
+        named = set(_named_parameters(cls.__init__)) - {"self", "model", "layer"}
+        _check_options(cls.name, "options", named | set(ENGINE_OPTIONS), options)
+        missing = [n for n in _required_options(cls) if n not in options and n != "layer"]
+        if missing:
+            raise InputError(
+                f"method {cls.name!r} needs {', '.join(f'{n}=' for n in missing)}; pass it "
+                f"with the method's other options (methods that need nothing more: "
+                f"{score_methods(standalone=True)})"
+            )
+        return cls(model, layer, **options)
+
+    def checked_score(self, target: Any = None, **options: Any) -> SimilarityScore:
+        """:meth:`score`, with a clear error for options it does not take."""
+        _check_options(self.name, "score options", _named_parameters(self.score)[1:], options)
+        return self.score(target, **options)
 
     def gradcam(
         self,
@@ -137,3 +204,12 @@ class SimilarityMethod:
         :meth:`gradcam`."""
         self.check_sizes(tuples)
         return check_tuple_inputs(tuples)
+
+
+def _check_options(name: str, what: str, accepted: Any, given: dict) -> None:
+    unknown = sorted(set(given) - set(accepted))
+    if unknown:
+        raise InputError(
+            f"method {name!r} takes the {what} {sorted(accepted) or 'none'}, not {unknown}; "
+            "pass another method= for those"
+        )

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..engine.score import Scores, SimilarityScore
+from ..engine.tuples import check_target, tuple_kind
 from ..errors import InputError
 from .base import SimilarityMethod, TensorTuple, register_method
 
@@ -60,26 +61,61 @@ def check_coefficients(coefficients: Optional[Any], num_slots: int) -> Tensor:
 
 @dataclass(frozen=True)
 class CosineScore(SimilarityScore):
-    """``s_i = sum_j c_ij cos(f_i, f_j)`` with every ``f_j`` (``j != i``) held fixed.
+    """``s_i = sum_j c_ij cos(z_i, z_j)`` with every ``z_j`` (``j != i``) held fixed.
+
+    ``z`` is the L2-normalised embedding, or, with ``centre``, the normalised embedding
+    minus ``centre`` (then normalised again): the cosine of the embeddings' departures
+    from a reference point, see :class:`~simexplain.methods.PartnerSAM`.
 
     Args:
         coefficients: the symmetric matrix ``c`` (default :func:`cosine_coefficients`).
+        target: pairs only: whether each pair is same-class (a bool per pair, or one for
+            all). Different-class pairs explain their dissimilarity: ``c`` changes sign.
+            ``None``: every pair explains its similarity.
+        centre: ``(d,)`` a point of the unit sphere's neighbourhood to measure from, e.g.
+            the mean normalised embedding of a reference set; ``None`` for none.
 
+    >>> import torch
     >>> f = torch.tensor([[[1.0, 0.0]], [[0.6, 0.8]]])          # a pair, (T, B, d)
     >>> CosineScore().bind(2, 1)(f).values
     tensor([[0.6000, 0.6000]])
+    >>> CosineScore(target=False).bind(2, 1)(f).values
+    tensor([[-0.6000, -0.6000]])
     """
 
     coefficients: Any = None
+    target: Any = None
+    centre: Optional[Tensor] = None
     matrix: Optional[Tensor] = dataclasses.field(default=None, repr=False)
+    sign: Optional[Tensor] = dataclasses.field(default=None, repr=False)
 
     def bind(self, num_slots: int, batch: int) -> "CosineScore":
-        return dataclasses.replace(self, matrix=check_coefficients(self.coefficients, num_slots))
+        same = None if self.target is None else check_target(self.target, num_slots, batch)
+        sign = None if same is None else torch.where(same, 1.0, -1.0)
+        matrix = check_coefficients(self.coefficients, num_slots)
+        return dataclasses.replace(self, matrix=matrix, sign=sign)
+
+    def chunk(self, start: int, stop: int) -> "CosineScore":
+        if self.sign is None:
+            return self
+        return dataclasses.replace(self, sign=self.sign[start:stop])
+
+    def kind(self, num_slots: int) -> str:
+        return tuple_kind(num_slots, None if self.sign is None else self.sign > 0, False)
 
     def __call__(self, embeddings: Tensor) -> Scores:
         normalized = F.normalize(embeddings, dim=-1)
+        if self.centre is not None:
+            if self.centre.shape != embeddings.shape[-1:]:
+                raise InputError(
+                    f"the reference has {self.centre.shape[-1]}-d embeddings but the model "
+                    f"gives {embeddings.shape[-1]}-d ones; embed the reference with this model"
+                )
+            normalized = F.normalize(normalized - self.centre.to(normalized), dim=-1)
         cosines = torch.einsum("ibd,jbd->ijb", normalized, normalized.detach())
         targets = (self.matrix.to(cosines)[:, :, None] * cosines).sum(dim=1)  # (T, B)
+        if self.sign is not None:
+            targets = targets * self.sign.to(targets)
         return Scores(targets.t())
 
 
@@ -92,13 +128,18 @@ class GradCAMCosine(SimilarityMethod):
     quadruplets: see :func:`cosine_coefficients`; e.g. the anchor's target is
     ``cos(a, p) - cos(a, n)``, the positive's ``cos(p, a)``, the negative's
     ``-cos(n, a)``. ``explain(tuples, coefficients=None, relu=True)`` takes any symmetric
-    matrix as ``coefficients``. Maps are non-negative with ``relu=True``.
+    matrix as ``coefficients``; ``same_class=False`` for pairs explains their
+    dissimilarity. Maps are non-negative with ``relu=True``.
 
     For pairs this is SAM with ``weight_fn=lambda f1, f2: f1 + f2`` (``f_i . f_i = 1``
     has no gradient).
     """
 
     name = "gradcam_cosine"
+    rotation_invariant = True
+
+    def score(self, target: Any = None, coefficients: Optional[Any] = None) -> CosineScore:
+        return CosineScore(coefficients, target)
 
     def explain(
         self,
@@ -106,5 +147,7 @@ class GradCAMCosine(SimilarityMethod):
         coefficients: Optional[Any] = None,
         relu: bool = True,
         chunk_size: Optional[int] = None,
+        *,
+        same_class: Any = None,
     ) -> Tensor:
-        return self.gradcam(tuples, CosineScore(coefficients), relu, chunk_size)
+        return self.gradcam(tuples, self.score(same_class, coefficients), relu, chunk_size)

@@ -46,6 +46,7 @@ __all__ = [
     "quadruplet_weights",
     "weights_for_kind",
     "criterion_weights",
+    "rescaled_weights",
     "similarity_scores",
 ]
 
@@ -131,3 +132,28 @@ def criterion_weights(
         return pair_weights(embeddings[0], embeddings[1], same_class.to(embeddings[0].device))
     kind = next(k for k, n in TUPLE_SIZES.items() if n == len(embeddings) and "pair" not in k)
     return weights_for_kind(kind)(*embeddings)
+
+
+def rescaled_weights(embeddings: Sequence[Tensor], same_class: Optional[Tensor] = None) -> Tensor:
+    """SAM's ``w`` with each ``|f_a - f_j|`` divided by its largest coordinate, so that
+    ``w`` spans ``[0, 1]`` whatever the dimension (``sam_rescaled``).
+
+    For L2-normalised ``d``-dimensional embeddings every ``|f1_k - f2_k|`` is of order
+    ``1 / sqrt(d)``, so the paper's ``w = 1 - |f1 - f2|`` is nearly all ones; rescaled,
+    the dimensions where the two images differ most get ``w = 0``.
+
+    >>> import torch
+    >>> f1, f2 = torch.tensor([[0.6, 0.8, 0.0]]), torch.tensor([[0.0, 0.8, 0.6]])
+    >>> rescaled_weights([f1, f2], torch.tensor([True]))
+    tensor([[0., 1., 0.]])
+    """
+    anchor = embeddings[0]
+    tiny = torch.finfo(anchor.dtype).tiny
+    diffs = [(anchor - f).abs() for f in embeddings[1:]]
+    diffs = [d / d.amax(dim=-1, keepdim=True).clamp_min(tiny) for d in diffs]
+    if len(embeddings) == 2:
+        return torch.where(same_class.reshape(-1, 1).to(anchor.device), 1 - diffs[0], diffs[0])
+    weights = 1 - diffs[0]
+    for d in diffs[1:]:
+        weights = weights * d
+    return weights

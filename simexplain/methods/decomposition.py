@@ -50,6 +50,7 @@ class Stylianou(SimilarityMethod):
     """
 
     name = "stylianou"
+    rotation_invariant = True
 
     def __init__(
         self,

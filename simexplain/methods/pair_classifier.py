@@ -181,7 +181,10 @@ class BCEGradCAM(SimilarityMethod):
     def _rebuild_options(self) -> dict[str, Any]:
         return {**super()._rebuild_options(), "head": self.head}
 
+    def score(self, target: Any = None) -> PairClassifierScore:
+        return PairClassifierScore(self.head, target)
+
     def explain(
         self, tuples: TensorTuple, same_class: Any = None, chunk_size: Optional[int] = None
     ) -> Tensor:
-        return self.gradcam(tuples, PairClassifierScore(self.head, same_class), True, chunk_size)
+        return self.gradcam(tuples, self.score(same_class), True, chunk_size)

@@ -9,62 +9,18 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..engine.score import Scores, SimilarityScore
+from ..engine.tuples import check_target, tuple_kind
 from ..errors import InputError
 from .base import SimilarityMethod, TensorTuple, register_method
-from .criteria import WeightFn, criterion_weights, similarity_scores
+from .criteria import WeightFn, criterion_weights, rescaled_weights, similarity_scores
 
-__all__ = ["SAMScore", "SAMMethod", "check_target", "tuple_kind"]
-
-
-def tuple_kind(num_slots: int, same_class: Optional[Tensor], custom: bool) -> str:
-    """Name the kind of tuple explained from its size and, for pairs, ``same_class``."""
-    if custom:
-        return "custom"
-    if num_slots == 2:
-        if same_class is None:
-            return "pair"
-        if bool(same_class.all()):
-            return "same_pair"
-        return "different_pair" if not bool(same_class.any()) else "pair"
-    return "triplet" if num_slots == 3 else "quadruplet"
-
-
-def check_target(target: Any, num_slots: int, batch: int) -> Optional[Tensor]:
-    """Pairs' same-class flags ``(B,)`` from ``target``; ``None`` for larger tuples."""
-    if num_slots != 2:
-        if target is not None:
-            raise InputError(
-                f"target is only used for pairs (same-class or not); a {num_slots}-image "
-                "tuple has its roles fixed by position, so pass target=None"
-            )
-        return None
-    if target is None:
-        raise InputError(
-            "pairs need target: a bool tensor (B,) saying whether each pair is same-class "
-            "(True) or different-class (False); or pass weight_fn= for another criterion"
-        )
-    try:
-        flags = torch.as_tensor(target).reshape(-1)
-    except (TypeError, ValueError, RuntimeError):
-        raise InputError(f"target must hold booleans (same-class or not), got {target!r}") from None
-    if flags.dtype != torch.bool:
-        if flags.is_floating_point() or not bool(((flags == 0) | (flags == 1)).all()):
-            raise InputError(f"target must hold booleans (same-class or not), got {target!r}")
-        flags = flags.bool()
-    if flags.numel() == 1:
-        flags = flags.expand(batch)
-    if flags.numel() != batch:
-        raise InputError(
-            f"target has {flags.numel()} entries for {batch} pairs; pass one bool per pair"
-        )
-    return flags
+__all__ = ["SAMScore", "SAMMethod"]
 
 
 @dataclass(frozen=True)
@@ -79,6 +35,7 @@ class SAMScore(SimilarityScore):
         detach_weights: hold ``w`` fixed (one backward pass); ``False`` also
             differentiates through ``w``.
 
+    >>> import torch
     >>> f = torch.tensor([[[3.0, 4.0]], [[4.0, 3.0]]])          # a pair, (T, B, d)
     >>> SAMScore(True).bind(2, 1)(f).values                     # w = 1 - |f1 - f2|
     tensor([[1.1200, 1.1200]])
@@ -87,6 +44,7 @@ class SAMScore(SimilarityScore):
     target: Any = None
     weight_fn: Optional[WeightFn] = None
     detach_weights: bool = True
+    rescale: bool = False
     same_class: Optional[Tensor] = dataclasses.field(default=None, repr=False)
 
     @property
@@ -94,6 +52,8 @@ class SAMScore(SimilarityScore):
         return self.detach_weights
 
     def bind(self, num_slots: int, batch: int) -> "SAMScore":
+        if self.weight_fn is not None and self.rescale:
+            raise InputError("weight_fn= gives w itself; it cannot be rescaled too")
         if self.weight_fn is not None:
             return self
         return dataclasses.replace(self, same_class=check_target(self.target, num_slots, batch))
@@ -106,12 +66,26 @@ class SAMScore(SimilarityScore):
     def kind(self, num_slots: int) -> str:
         return tuple_kind(num_slots, self.same_class, self.weight_fn is not None)
 
+    def weights(self, per_slot: list[Tensor]) -> Tensor:
+        """``w`` ``(B, d)`` of a chunk of tuples from their slots' normalised embeddings."""
+        if self.rescale:
+            return rescaled_weights(per_slot, self.same_class)
+        return criterion_weights(per_slot, self.same_class, self.weight_fn)
+
     def __call__(self, embeddings: Tensor) -> Scores:
         per_slot = list(F.normalize(embeddings, dim=-1).unbind(0))
-        weights = criterion_weights(per_slot, self.same_class, self.weight_fn)
+        weights = self.weights(per_slot)
         if self.detach_weights:
             weights = weights.detach()
         return Scores(similarity_scores(weights, per_slot), weights)
+
+    def fixed_at(self, embeddings: Tensor) -> Callable[[int, Tensor], Tensor]:
+        weights = self.weights(list(F.normalize(embeddings, dim=-1).unbind(0))).detach()
+
+        def score(slot: int, f: Tensor) -> Tensor:
+            return (weights * F.normalize(f, dim=-1)).sum(dim=-1)
+
+        return score
 
 
 @register_method
@@ -126,6 +100,12 @@ class SAMMethod(SimilarityMethod):
 
     name = "sam"
 
+    def score(
+        self, target: Any = None, weight_fn: Optional[WeightFn] = None,
+        detach_weights: bool = True,
+    ) -> SAMScore:
+        return SAMScore(target, weight_fn=weight_fn, detach_weights=detach_weights)
+
     def explain(
         self,
         tuples: TensorTuple,
@@ -136,5 +116,5 @@ class SAMMethod(SimilarityMethod):
         relu_attributions: bool = True,
         chunk_size: Optional[int] = None,
     ) -> Tensor:
-        score = SAMScore(same_class, weight_fn=weight_fn, detach_weights=detach_weights)
+        score = self.score(same_class, weight_fn, detach_weights)
         return self.gradcam(tuples, score, relu_attributions, chunk_size)

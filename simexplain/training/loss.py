@@ -25,7 +25,6 @@ running mean and variance.
 from __future__ import annotations
 
 import math
-import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Union
@@ -41,11 +40,13 @@ from ..engine.layouts import FeatureLayer
 from ..engine.target_layer import LayerSpec
 from ..engine.tuples import check_index_tuples, check_labels
 from ..errors import InputError
-from ..methods.criteria import weights_for_kind
+from ..methods.defaults import DEFAULT_METHOD
+from ..methods.psam import reference_centre
 from .batch_norm import frozen_norm_statistics
+from .loss_inputs import is_pml_loss, pair_flags
 from .masking import check_mask_parameters, soft_mask
 from .mining_terms import SimilarityMiningLoss
-from .occurrence_maps import occurrence_maps
+from .occurrence_maps import MINING_METHODS, mining_directions, occurrence_maps
 
 __all__ = ["SAMLoss", "SAMLossParts"]
 
@@ -106,6 +107,12 @@ class SAMLoss(nn.Module):
             tuple size, so the masked pass is no larger than the training pass; for
             tuples of images the default is all of them.
         relu: apply ReLU to the maps before masking (GradCAM's choice).
+        method: which maps drive the mask: ``"psam"`` (partner-aware SAM, the default),
+            ``"gradcam_cosine"`` or ``"sam"`` (the paper's).
+        reference: ``method="psam"`` only: the reference its maps are measured from,
+            embeddings ``(N, d)`` or images ``(N, C, H, W)``
+            (:func:`~simexplain.methods.psam.reference_centre`), or ``"batch"``, the mean
+            normalised embedding of each training batch; ``None`` for none.
         freeze_norm_statistics: keep BatchNorm running statistics unchanged during the
             masked forward pass (see the module docs).
         **layer_options: ``layout``, ``num_prefix_tokens`` or ``reshape_transform``: how to
@@ -138,6 +145,8 @@ class SAMLoss(nn.Module):
         max_mining_tuples: Optional[int] = None,
         relu: bool = True,
         freeze_norm_statistics: bool = True,
+        method: str = DEFAULT_METHOD,
+        reference: Any = None,
         **layer_options: Any,
     ) -> None:
         super().__init__()
@@ -152,7 +161,22 @@ class SAMLoss(nn.Module):
             not isinstance(max_mining_tuples, int) or max_mining_tuples < 1
         ):
             raise InputError(f"max_mining_tuples must be a positive int, got {max_mining_tuples!r}")
+        if method not in MINING_METHODS:
+            raise InputError(
+                f"method must be one of {MINING_METHODS} (the maps that drive the mask), "
+                f"got {method!r}"
+            )
+        if (reference is not None and method != "psam") or (
+            isinstance(reference, str) and reference != "batch"
+        ):
+            raise InputError(
+                "reference is for method='psam': embeddings (N, d), images (N, C, H, W) or "
+                "'batch' (the mean of each training batch's normalised embeddings)"
+            )
         self.engine = SimilarityEngine(model, layer, eval_mode=False, **layer_options)
+        self.method = method
+        self.reference = reference
+        self._fixed_centre: Optional[Tensor] = None
         self.metric_loss = metric_loss
         self.miner = miner
         self.gamma = float(gamma)
@@ -167,8 +191,19 @@ class SAMLoss(nn.Module):
     def model(self) -> nn.Module:
         return self.engine.model
 
+    def _centre(self, normalized: Tensor) -> Optional[Tensor]:
+        """psam's reference point for this step: none, the batch's, or the reference's."""
+        if self.reference is None:
+            return None
+        if isinstance(self.reference, str):
+            return normalized.detach().mean(0)
+        if self._fixed_centre is None:
+            with torch.inference_mode(False):
+                self._fixed_centre = reference_centre(self.model, self.reference)
+        return self._fixed_centre
+
     def extra_repr(self) -> str:
-        return f"gamma={self.gamma}, alpha={self.alpha}, beta={self.beta}"
+        return f"method={self.method!r}, gamma={self.gamma}, alpha={self.alpha}, beta={self.beta}"
 
     def forward(
         self,
@@ -223,7 +258,7 @@ class SAMLoss(nn.Module):
                                    count)
             slot_labels = stacked.to(slots[0].device)
         if count == 2:
-            same = _pair_flags(same_class, slot_labels, batch).to(slots[0].device)
+            same = pair_flags(same_class, slot_labels, batch).to(slots[0].device)
         elif same_class is not None:
             raise InputError("same_class is for pairs only; triplets and quadruplets have roles")
         images = torch.cat(slots)
@@ -232,7 +267,7 @@ class SAMLoss(nn.Module):
         flat_labels = None if slot_labels is None else slot_labels.t().reshape(-1)
         slot_embeddings = list(embeddings.reshape(count, batch, -1).unbind(0))
 
-        if _is_pml_loss(self.metric_loss):
+        if is_pml_loss(self.metric_loss):
             if count == 2:
                 pml_tuple = (positions[0][same], positions[1][same],
                              positions[0][~same], positions[1][~same])
@@ -345,42 +380,14 @@ class SAMLoss(nn.Module):
         args: tuple,
     ) -> Tensor:
         normalized = F.normalize(embeddings, dim=-1)
-        # w stays in the graph, so the gradient is that of L itself (finite differences agree)
-        weights = weights_for_kind(kind)(*[normalized[t] for t in mining_tuples])
+        units, vectors = mining_directions(self.method, normalized, mining_tuples, kind,
+                                           self._centre(normalized))
         occurrences = torch.cat(mining_tuples)  # image index of every (tuple, slot)
-        occurrence_weights = weights.repeat(len(mining_tuples), 1)
-        maps = occurrence_maps(self.engine, activation, normalized, layer, occurrences,
-                               occurrence_weights, images.shape[-2:], self.relu)
+        maps = occurrence_maps(self.engine, activation, units, layer, occurrences, vectors,
+                               images.shape[-2:], self.relu)
         masked = soft_mask(images[occurrences], maps, self.alpha, self.beta)
         with frozen_norm_statistics(self.model) if self.freeze_norm_statistics else nullcontext():
             output = self.model(masked, *args)
         masked_embeddings = embedding_matrix(output, masked.shape[0])
         per_slot = masked_embeddings.reshape(len(mining_tuples), -1, masked_embeddings.shape[-1])
         return SimilarityMiningLoss(kind)(*per_slot.unbind(0))
-
-
-def _pair_flags(same_class: Any, slot_labels: Optional[Tensor], batch: int) -> Tensor:
-    if same_class is None:
-        if slot_labels is None:
-            raise InputError(
-                "pairs need same_class= (a bool per pair) or labels=(labels1, labels2)"
-            )
-        return slot_labels[:, 0] == slot_labels[:, 1]
-    flags = torch.as_tensor(same_class)
-    if flags.dtype != torch.bool:
-        raise InputError(f"same_class must be booleans, got {flags.dtype}")
-    flags = flags.reshape(-1)
-    if flags.numel() == 1:
-        flags = flags.expand(batch)
-    if flags.numel() != batch:
-        raise InputError(f"same_class has {flags.numel()} entries for {batch} pairs")
-    if slot_labels is not None and bool((flags != (slot_labels[:, 0] == slot_labels[:, 1])).any()):
-        raise InputError("same_class disagrees with labels; pass one or the other")
-    return flags
-
-
-def _is_pml_loss(loss: Any) -> bool:
-    # A pml loss object implies its module is imported; importing it here would cost
-    # seconds on the first call for users of plain losses.
-    module = sys.modules.get("pytorch_metric_learning.losses")
-    return module is not None and isinstance(loss, module.BaseMetricLossFunction)

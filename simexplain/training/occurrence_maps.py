@@ -1,38 +1,76 @@
 """Differentiable maps of the tuples mined from a batch, for the mining term.
 
-An image of the batch can stand in several tuples, each with its own ``w``: its map is
-computed once per (tuple, slot) occurrence, from the training forward pass itself.
+An image of the batch can stand in several tuples, each with its own weight vector: its
+map is computed once per (tuple, slot) occurrence, from the training forward pass itself.
+Every method the mining term supports scores image ``i`` of a tuple as ``v_i . u_i``, with
+``u`` the (normalised, maybe centred) embedding and ``v_i`` a vector from the tuple: paper
+SAM's ``w`` for every slot, or partner-aware SAM's ``sum_j c_ij u_j``
+(:func:`mining_directions`).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..engine.engine import SimilarityEngine
 from ..engine.layouts import FeatureLayer
+from ..errors import InputError
+from ..methods.cosine import cosine_coefficients
+from ..methods.criteria import weights_for_kind
 
-__all__ = ["occurrence_maps"]
+__all__ = ["MINING_METHODS", "mining_directions", "occurrence_maps"]
+
+#: The explanation methods whose maps can drive the mining mask.
+MINING_METHODS = ("psam", "gradcam_cosine", "sam")
+
+
+def mining_directions(
+    method: str,
+    normalized: Tensor,
+    mining_tuples: Sequence[Tensor],
+    kind: str,
+    centre: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor]:
+    """``(u, v)``: what each occurrence's score differentiates, ``u`` ``(N, d)`` over the
+    batch, and its vector ``v`` ``(len(occurrences), d)``, slot-major (every tuple's first
+    image, then every second image, ...). ``v`` stays in the graph, so the training
+    gradient is that of the loss itself; the maps hold it fixed."""
+    if method == "sam":
+        weights = weights_for_kind(kind)(*[normalized[t] for t in mining_tuples])
+        return normalized, weights.repeat(len(mining_tuples), 1)
+    if method not in MINING_METHODS:
+        raise InputError(f"method must be one of {MINING_METHODS}, got {method!r}")
+    units = normalized
+    if method == "psam" and centre is not None:
+        units = F.normalize(normalized - centre.to(normalized), dim=-1)
+    slots = [units[t] for t in mining_tuples]
+    coefficients = cosine_coefficients(len(slots)).to(units)
+    partners = [sum(coefficients[k, j] * slots[j] for j in range(len(slots)) if j != k)
+                for k in range(len(slots))]
+    return units, torch.cat(partners)
 
 
 def occurrence_maps(
     engine: SimilarityEngine,
     activation: Tensor,
-    normalized: Tensor,
+    units: Tensor,
     layer: FeatureLayer,
     occurrences: Tensor,
-    weights: Tensor,
+    vectors: Tensor,
     image_hw: Sequence[int],
     relu: bool = True,
 ) -> Tensor:
     """Maps ``(len(occurrences), h, w)`` of each (tuple, slot) occurrence, with a graph.
 
-    ``occurrences`` holds the batch row of every occurrence and ``weights`` its tuple's
-    ``w``. One vector-Jacobian product gives the layer gradient of ``w . f`` for every
-    image at once (``w`` held fixed for the map, yet in the graph for training), so the
-    occurrences are split into rounds in which each image appears at most once.
+    ``occurrences`` holds the batch row of every occurrence and ``vectors`` its ``v``
+    (:func:`mining_directions`). One vector-Jacobian product gives the layer gradient of
+    ``v . u`` for every image at once (``v`` held fixed for the map, yet in the graph for
+    training), so the occurrences are split into rounds in which each image appears at
+    most once.
     """
     sorted_images, order = torch.sort(occurrences, stable=True)
     first = torch.searchsorted(sorted_images, sorted_images)
@@ -43,11 +81,9 @@ def occurrence_maps(
     for r in range(int(rank.max()) + 1):
         chosen = (rank == r).nonzero().squeeze(1)
         rows = occurrences[chosen]
-        grad_outputs = torch.zeros_like(normalized).index_put(
-            (rows,), weights[chosen].to(normalized.dtype)
-        )
+        grad_outputs = torch.zeros_like(units).index_put((rows,), vectors[chosen].to(units.dtype))
         gradient = engine.layer_gradient(
-            normalized, activation, grad_outputs, retain_graph=True, create_graph=True
+            units, activation, grad_outputs, retain_graph=True, create_graph=True
         )
         maps.append(engine.combine(activation[rows], gradient[rows], layer, image_hw, relu))
         positions.append(chosen)

@@ -127,7 +127,9 @@ def _draw_rows(
             )
         if row_title:
             panel.suptitle(row_title, fontsize=10, x=0.02, ha="left")
-        panel.colorbar(mappable, ax=list(axes), shrink=0.8, label="attention")
+        method = getattr(exp, "method", None)  # which method made the maps, where known
+        label = f"attention ({method})" if method else "attention"
+        panel.colorbar(mappable, ax=list(axes), shrink=0.8, label=label)
 
 
 def plot_explanation(

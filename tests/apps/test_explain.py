@@ -26,17 +26,19 @@ def model():
         ([5, 5, 1, 2], "quadruplet"),
     ],
 )
-def test_kind_from_labels(model, labels, kind):
+@pytest.mark.parametrize("method", ["psam", "sam"])
+def test_kind_from_labels(model, labels, kind, method):
     imgs = torch.randn(len(labels), 3, 64, 64)
-    exp = explain(model, imgs, labels)
+    exp = explain(model, imgs, labels, method=method)
     count = len(labels)
     assert isinstance(exp, Explanation)
-    assert exp.kind == kind
+    assert exp.kind == kind and exp.method == method
     assert exp.layer == "layer4"
     assert exp.raw_maps.shape == (1, count, 2, 2)
     assert exp.maps.shape == (1, count, 64, 64)
     assert exp.scores.shape == (1, count)
-    assert exp.weights.shape == (1, 16) and exp.embeddings.shape == (1, count, 16)
+    assert exp.embeddings.shape == (1, count, 16)
+    assert exp.weights is None if method == "psam" else exp.weights.shape == (1, 16)
     assert float(exp.maps.min()) >= 0 and float(exp.maps.max()) <= 1
     assert torch.isfinite(exp.maps).all()
     assert len(exp.roles) == count

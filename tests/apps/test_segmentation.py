@@ -67,25 +67,36 @@ def test_pair_map_is_the_object_and_mask_is_exact(method):
     test = image(a=A_BOX)
     support = image(a=(4, 10, 4, 10))
     with unchanged(model):
-        result = segment(model, test, support, layer="0", method=method)
+        result = segment(model, test, support, layer="0", mask=method)
     expected = box_mask(A_BOX)
     assert torch.equal(result.map, expected.float())
     assert torch.equal(result.mask, expected)
-    assert result.method == method and result.note == ""
+    assert result.mask_method == method and result.note == ""
     assert result.layer == "0"
     assert result.similarity.shape == (1,)
 
 
-def test_negative_support_suppresses_the_other_object():
+def test_the_cue_is_the_object_shared_with_the_support():
     model = toy_model()
     test = image(a=A_BOX, b=B_BOX)
     support, negative = image(a=(4, 10, 4, 10)), image(b=(4, 10, 4, 10))
-    pair = segment(model, test, support, layer="0", method="threshold")
+    pair = segment(model, test, support, layer="0", mask="threshold")
+    assert pair.method == "psam"
+    assert torch.equal(pair.mask, box_mask(A_BOX))
+    triplet = segment(model, test, support, negative, layer="0", mask="grabcut")
+    assert torch.equal(triplet.mask, box_mask(A_BOX))
+
+
+def test_paper_sam_rewards_the_other_object_too_unless_it_is_a_negative():
+    model = toy_model()
+    test = image(a=A_BOX, b=B_BOX)
+    support, negative = image(a=(4, 10, 4, 10)), image(b=(4, 10, 4, 10))
+    pair = segment(model, test, support, layer="0", mask="threshold", method="sam")
     # A pair also rewards object B (shared "objectness"), at 0.79 of A's peak ...
     assert pair.map[box_mask(B_BOX)].min() > 0.7
     assert torch.equal(pair.mask, box_mask(A_BOX) | box_mask(B_BOX))
     # ... while the triplet with B as the negative keeps A only.
-    triplet = segment(model, test, support, negative, layer="0", method="grabcut")
+    triplet = segment(model, test, support, negative, layer="0", mask="grabcut", method="sam")
     assert torch.equal(triplet.map, box_mask(A_BOX).float())
     assert torch.equal(triplet.mask, box_mask(A_BOX))
 
@@ -96,7 +107,7 @@ def test_k_shot_averages_the_scaled_maps_and_resizes_supports():
     supports = [image(a=(4, 10, 4, 10)), image(b=(2, 30, 2, 30), side=32)]  # other size
     maps, peaks, similarity, _ = similarity_cue(model, test, supports, layer="0")
     assert maps.shape == (2, SIDE, SIDE) and peaks.shape == (2,) and similarity.shape == (2,)
-    result = segment(model, test, supports, layer="0", method="threshold")
+    result = segment(model, test, supports, layer="0", mask="threshold")
     mean = maps.mean(0)
     assert torch.allclose(result.map, mean / mean.max())
     batch = segment(model, test, torch.stack([supports[0], supports[0]]), layer="0")
@@ -107,7 +118,10 @@ def test_k_shot_averages_the_scaled_maps_and_resizes_supports():
 def test_input_size_resizes_for_the_model_and_maps_back():
     model = toy_model()
     test = image(a=(4, 12, 4, 12))
-    result = segment(model, test, image(a=(2, 9, 2, 9)), layer="0", input_size=(8, 8))
+    # paper SAM: on this toy both images hold only A, at other sizes (cosine-based maps then
+    # point away from A: its share in the test image exceeds the support's)
+    result = segment(model, test, image(a=(2, 9, 2, 9)), layer="0", input_size=(8, 8),
+                     method="sam")
     assert result.mask.shape == (SIDE, SIDE) and result.map.shape == (SIDE, SIDE)
     assert binary_iou(result.mask, box_mask((4, 12, 4, 12))) > 0.6
 
@@ -116,13 +130,13 @@ def test_support_sharing_nothing_gives_an_empty_mask():
     model = toy_model()
     empty_test = image()  # no object at all: the map is zero everywhere
     result = segment(model, empty_test, image(a=(4, 10, 4, 10)), layer="0")
-    assert result.method == "empty" and "zero everywhere" in result.note
+    assert result.mask_method == "empty" and "zero everywhere" in result.note
     assert not result.mask.any() and result.mask.shape == (SIDE, SIDE)
     assert not result.map.isnan().any()
     # min_similarity turns a weak match into an empty mask as well.
     test = image(b=B_BOX)
     weak = segment(model, test, image(a=(4, 10, 4, 10)), layer="0", min_similarity=0.999)
-    assert weak.method == "empty" and "min_similarity" in weak.note and not weak.mask.any()
+    assert weak.mask_method == "empty" and "min_similarity" in weak.note and not weak.mask.any()
 
 
 def test_grabcut_refines_a_blurred_cue_to_the_object():
@@ -155,13 +169,13 @@ def test_missing_opencv_names_the_extra(monkeypatch):
         segment(model, image(a=A_BOX), image(a=A_BOX), layer="0")
     assert issubclass(MissingExtraError, InputError) and issubclass(MissingExtraError, ImportError)
     # The threshold method needs no OpenCV.
-    assert segment(model, image(a=A_BOX), image(a=A_BOX), layer="0", method="threshold").mask.any()
+    assert segment(model, image(a=A_BOX), image(a=A_BOX), layer="0", mask="threshold").mask.any()
 
 
 @pytest.mark.parametrize(
     "kwargs, supports, message",
     [
-        ({"method": "otsu"}, None, "method must be one of"),
+        ({"mask": "otsu"}, None, "mask must be one of"),
         ({"threshold": 0.9, "sure_foreground": 0.8}, None, "sure_background < threshold"),
         ({"grabcut_iters": 0}, None, "grabcut_iters"),
         ({}, torch.zeros(1, 3, 3, SIDE, SIDE), "pass one image"),
@@ -199,6 +213,6 @@ def test_real_cnn_in_train_mode_is_left_unchanged():
     test, support, negative = torch.rand(3, 3, 32, 32)
     with unchanged(model):
         result = segment(model, test, support, negative)
-    assert result.mask.shape == (32, 32) and result.method in ("grabcut", "threshold", "empty")
+    assert result.mask.shape == (32, 32) and result.mask_method in ("grabcut", "threshold", "empty")
     assert result.layer == "features"
     assert 0.0 <= float(result.map.min()) and float(result.map.max()) <= 1.0

@@ -64,7 +64,7 @@ def all_slots(dataset: Triplets) -> tuple[torch.Tensor, ...]:
 @pytest.fixture
 def attr():
     torch.manual_seed(0)
-    return EmbeddingAttribution(TinyNet().eval(), "features")
+    return EmbeddingAttribution(TinyNet().eval(), "features", method="sam")
 
 
 def run(attr, loader, **kw):

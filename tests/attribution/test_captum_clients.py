@@ -12,6 +12,7 @@ from captum.attr import visualization as captum_viz  # noqa: E402
 from captum.metrics import infidelity, infidelity_perturb_func_decorator  # noqa: E402
 from captum.metrics import sensitivity_max  # noqa: E402
 from matplotlib import colormaps  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from networks import resnet18
@@ -84,7 +85,7 @@ def manual_noise_tunnel(attr, slots, target, nt_type, samples, batch_size, stdev
 @pytest.mark.parametrize("batch_size", [None, 2])
 @pytest.mark.parametrize("nt_type", ["smoothgrad", "smoothgrad_sq", "vargrad"])
 def test_noise_tunnel_equals_manual_average_pairs(cnn, nt_type, batch_size):
-    attr = EmbeddingAttribution(cnn, "3")
+    attr = EmbeddingAttribution(cnn, "3", method="sam")
     slots = images(2, 3)
     torch.manual_seed(5)
     with unchanged(cnn):
@@ -103,7 +104,7 @@ def test_noise_tunnel_equals_manual_average_pairs(cnn, nt_type, batch_size):
 
 def test_noise_tunnel_expands_per_pair_target_per_tuple(cnn):
     """Each pair keeps its own same-class flag on all of its noisy copies."""
-    attr = EmbeddingAttribution(cnn, "3")
+    attr = EmbeddingAttribution(cnn, "3", method="sam")
     slots = images(2, 3)
     tunnel = NoiseTunnel(attr)
     kwargs = dict(nt_samples=4, nt_samples_batch_size=3, stdevs=1e-6)
@@ -121,7 +122,7 @@ def test_noise_tunnel_expands_per_pair_target_per_tuple(cnn):
 
 
 def test_noise_tunnel_single_pair_target_of_shape_1(cnn):
-    attr = EmbeddingAttribution(cnn, "3")
+    attr = EmbeddingAttribution(cnn, "3", method="sam")
     slots = tuple(x[:1] for x in images(2, 3))
     torch.manual_seed(7)
     got = NoiseTunnel(attr).attribute(slots, nt_samples=3, stdevs=0.2, target=torch.tensor([False]))
@@ -130,7 +131,7 @@ def test_noise_tunnel_single_pair_target_of_shape_1(cnn):
 
 
 def test_noise_tunnel_triplet_resnet18(resnet):
-    attr = EmbeddingAttribution(resnet, "layer4")
+    attr = EmbeddingAttribution(resnet, "layer4", method="sam")
     slots = images(3, 2, size=64)
     torch.manual_seed(3)
     with unchanged(resnet):
@@ -147,7 +148,7 @@ def test_noise_tunnel_triplet_resnet18(resnet):
 
 
 def test_sensitivity_max_pairs_finite_and_zero_without_perturbation(cnn):
-    attr = EmbeddingAttribution(cnn, "3")
+    attr = EmbeddingAttribution(cnn, "3", method="sam")
     slots = images(2, 3)
     with unchanged(cnn):
         sens = sensitivity_max(
@@ -167,7 +168,7 @@ def test_sensitivity_max_pairs_finite_and_zero_without_perturbation(cnn):
 
 
 def test_sensitivity_max_triplet_resnet18(resnet):
-    attr = EmbeddingAttribution(resnet, "layer4")
+    attr = EmbeddingAttribution(resnet, "layer4", method="sam")
     sens = sensitivity_max(attr.attribute, images(3, 2, size=32), n_perturb_samples=2)
     assert sens.shape == (2,) and torch.isfinite(sens).all()
 
@@ -178,7 +179,7 @@ def test_sensitivity_max_triplet_resnet18(resnet):
 def test_tuple_score_is_the_sum_of_explained_scores_with_w_fixed():
     torch.manual_seed(0)
     model = tiny_cnn().train()  # the score must use the attribution's eval mode
-    attr = EmbeddingAttribution(model, "3")
+    attr = EmbeddingAttribution(model, "3", method="sam")
     slots = images(2, 3)
     result = attr.attribute_tuples(slots, MIXED)
     with unchanged(model):
@@ -197,7 +198,7 @@ def test_tuple_score_is_the_sum_of_explained_scores_with_w_fixed():
 
 
 def test_tuple_score_errors(cnn):
-    attr = EmbeddingAttribution(cnn, "3")
+    attr = EmbeddingAttribution(cnn, "3", method="sam")
     slots = images(3, 2)
     score = TupleScore(attr, slots)
     with pytest.raises(InputError, match="3-image tuples"):
@@ -209,7 +210,7 @@ def test_tuple_score_errors(cnn):
 
 
 def test_infidelity_is_zero_for_unchanged_inputs_and_matches_formula(cnn):
-    attr = EmbeddingAttribution(cnn, "3")
+    attr = EmbeddingAttribution(cnn, "3", method="sam")
     slots = images(2, 3)
     maps = maps_to_input_shape(attr.attribute(slots, MIXED), slots)
     score = TupleScore(attr, slots, MIXED)
@@ -236,7 +237,7 @@ def test_infidelity_is_zero_for_unchanged_inputs_and_matches_formula(cnn):
 
 
 def test_infidelity_triplet_resnet18(resnet):
-    attr = EmbeddingAttribution(resnet, "layer4")
+    attr = EmbeddingAttribution(resnet, "layer4", method="sam")
     slots = images(3, 2, size=64)
     maps = maps_to_input_shape(attr.attribute(slots), slots)
     score = TupleScore(attr, slots)
@@ -270,7 +271,7 @@ def test_maps_to_input_shape():
 
 
 def test_layer_attribution_interpolate_gives_input_size(resnet):
-    attr = EmbeddingAttribution(resnet, "layer4")
+    attr = EmbeddingAttribution(resnet, "layer4", method="sam")
     slots = images(3, 2, size=64)
     maps = attr.attribute(slots)
     for m in maps:
@@ -295,7 +296,7 @@ def test_to_image_attr_layout():
 
 @pytest.mark.parametrize("method", ["heat_map", "blended_heat_map"])
 def test_visualize_map_draws_like_captum(cnn, method):
-    attr = EmbeddingAttribution(cnn, "3")
+    attr = EmbeddingAttribution(cnn, "3", method="sam")
     slots = images(2, 3)
     maps = attr.attribute(slots, MIXED)
     image = torch.rand(3, 32, 32)
@@ -358,7 +359,7 @@ class Shifted(nn.Module):
 
 
 def test_tuple_score_passes_additional_forward_args():
-    attr = EmbeddingAttribution(Shifted(shift_required=False), "body.3")
+    attr = EmbeddingAttribution(Shifted(shift_required=False), "body.3", method="sam")
     slots = images(3, 2)
     shift = torch.linspace(-1, 1, 6)  # a shift of the embedding changes w and the scores
     result = attr.attribute_tuples(slots, additional_forward_args=(shift,))
@@ -368,7 +369,7 @@ def test_tuple_score_passes_additional_forward_args():
 
 
 def test_noise_tunnel_model_with_required_forward_arg():
-    attr = EmbeddingAttribution(Shifted(shift_required=True), "body.3")
+    attr = EmbeddingAttribution(Shifted(shift_required=True), "body.3", method="sam")
     slots = images(3, 2)
     shift = torch.tensor(0.5)  # 0-dim: captum passes it on unexpanded
     maps = NoiseTunnel(attr).attribute(
@@ -378,7 +379,7 @@ def test_noise_tunnel_model_with_required_forward_arg():
 
 
 def test_per_tuple_forward_args_through_noise_tunnel():
-    attr = EmbeddingAttribution(Shifted(shift_required=False), "body.3")
+    attr = EmbeddingAttribution(Shifted(shift_required=False), "body.3", method="sam")
     slots = images(2, 3)
     shift = torch.tensor([[0.5], [-0.5], [1.0]])  # (B, 1): one shift per pair
     expected = [
@@ -391,3 +392,59 @@ def test_per_tuple_forward_args_through_noise_tunnel():
     for slot in range(2):
         exp = torch.cat([e[slot] for e in expected])
         torch.testing.assert_close(got[slot], exp, rtol=1e-3, atol=1e-5 * float(exp.abs().max()))
+
+
+# --------------------------------------------------------------------------- the default method
+
+
+@pytest.fixture(scope="module")
+def default_attr(cnn):
+    """The default method (psam) with a reference, so that its centring is exercised."""
+    reference = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(9))
+    attr = EmbeddingAttribution(cnn, "3", reference=reference)
+    assert attr.method.name == "psam" and attr.method.centre is not None
+    return attr
+
+
+def test_noise_tunnel_with_the_default_method(cnn, default_attr):
+    slots = images(3, 3)
+    torch.manual_seed(5)
+    with unchanged(cnn):
+        smoothed = NoiseTunnel(default_attr).attribute(slots, nt_samples=4, stdevs=0.3)
+    expected = manual_noise_tunnel(default_attr, slots, None, "smoothgrad", 4, None, 0.3, 5)
+    for got, exp in zip(smoothed, expected):
+        torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-6 * float(exp.abs().max()))
+
+
+def test_tuple_score_of_the_default_method_holds_partners_fixed(default_attr):
+    slots = images(3, 3)
+    result = default_attr.attribute_tuples(slots)
+    score = TupleScore(default_attr, slots)
+    torch.testing.assert_close(score(*slots), result.scores.sum(1))
+    # Perturbing only the anchor moves only the anchor's term: the partners stay fixed.
+    moved = (slots[0] + 0.5, *slots[1:])
+    recomputed = default_attr.attribute_tuples(moved).scores
+    assert not torch.allclose(score(*moved), recomputed.sum(1))
+    fixed_partner_terms = result.scores[:, 1:].sum(1)
+    centre = default_attr.method.centre
+    with torch.no_grad():
+        z = [F.normalize(F.normalize(default_attr.forward_func(x), dim=-1) - centre, dim=-1)
+             for x in (moved[0], *slots[1:])]
+    anchor = (z[0] * (z[1] - z[2])).sum(-1)
+    torch.testing.assert_close(score(*moved), anchor + fixed_partner_terms)
+
+
+def test_sensitivity_and_infidelity_with_the_default_method(cnn, default_attr):
+    slots = images(3, 3)
+    with unchanged(cnn):
+        sens = sensitivity_max(default_attr.attribute, slots, n_perturb_samples=2)
+        maps = maps_to_input_shape(default_attr.attribute(slots), slots)
+        score = TupleScore(default_attr, slots)
+
+        @infidelity_perturb_func_decorator(False)
+        def same(inputs):
+            return inputs
+
+        zero = infidelity(score, same, slots, maps, n_perturb_samples=2)
+    assert sens.shape == (3,) and torch.isfinite(sens).all()
+    torch.testing.assert_close(zero, torch.zeros(3), atol=1e-10, rtol=0)

@@ -78,7 +78,7 @@ def vit():
 def test_matches_captum_layergradcam_resnet(resnet, kind, relu):
     generator = torch.Generator().manual_seed(1)
     slots, target = _slots_and_target(kind, 3, 64, generator)
-    result = EmbeddingAttribution(resnet, "layer4").attribute_tuples(
+    result = EmbeddingAttribution(resnet, "layer4", method="sam").attribute_tuples(
         slots, target, relu_attributions=relu
     )
     assert result.kind == kind
@@ -91,7 +91,7 @@ def test_matches_captum_layergradcam_resnet(resnet, kind, relu):
 def test_matches_captum_layergradcam_vit_tokens(vit, kind):
     generator = torch.Generator().manual_seed(2)
     slots, target = _slots_and_target(kind, 2, 64, generator)
-    attribution = EmbeddingAttribution(vit)
+    attribution = EmbeddingAttribution(vit, method="sam")
     result = attribution.attribute_tuples(slots, target, relu_attributions=False)
     layer = attribution.feature_layer(slots[0])
     assert (layer.name, layer.layout, layer.num_prefix_tokens) == ("blocks.11.norm1", "tokens", 1)
@@ -113,7 +113,7 @@ def test_matches_pytorch_grad_cam(resnet):
 
     generator = torch.Generator().manual_seed(3)
     slots, _ = _slots_and_target("triplet", 2, 64, generator)
-    result = EmbeddingAttribution(resnet, resnet.layer4).attribute_tuples(
+    result = EmbeddingAttribution(resnet, resnet.layer4, method="sam").attribute_tuples(
         slots, relu_attributions=False
     )
     weights = result.weights.repeat(3, 1)  # one row per image of the slot-major batch
@@ -159,7 +159,7 @@ def _closed_form_map(image, weights):
 def test_closed_form_triplet():
     generator = torch.Generator().manual_seed(4)
     anchor, positive, negative = (torch.rand(1, 3, 4, 5, generator=generator) for _ in range(3))
-    result = EmbeddingAttribution(MeanPoolNet(), "features").attribute_tuples(
+    result = EmbeddingAttribution(MeanPoolNet(), "features", method="sam").attribute_tuples(
         (anchor, positive, negative)
     )
     slots = (anchor, positive, negative)
@@ -175,7 +175,8 @@ def test_closed_form_triplet():
 def test_differentiating_through_weights_matches_plain_autograd(resnet):
     generator = torch.Generator().manual_seed(5)
     slots, _ = _slots_and_target("triplet", 2, 64, generator)
-    result = EmbeddingAttribution(resnet, "layer4").attribute_tuples(slots, detach_weights=False)
+    attr = EmbeddingAttribution(resnet, "layer4", method="sam")
+    result = attr.attribute_tuples(slots, detach_weights=False)
     captured = []
     handle = resnet.layer4.register_forward_hook(lambda m, i, o: captured.append(o))
     try:
@@ -191,13 +192,13 @@ def test_differentiating_through_weights_matches_plain_autograd(resnet):
         alpha = grad[rows].mean(dim=(2, 3), keepdim=True)
         expected = torch.relu((alpha * activation[rows]).sum(dim=1)).detach()
         assert_maps_close(result.maps[:, k], expected)
-    detached = EmbeddingAttribution(resnet, "layer4").attribute_tuples(slots)
+    detached = EmbeddingAttribution(resnet, "layer4", method="sam").attribute_tuples(slots)
     assert not torch.allclose(detached.maps, result.maps)
 
 
 def test_scores_are_w_dot_f(resnet):
     slots, target = _slots_and_target("same_pair", 2, 32, torch.Generator().manual_seed(6))
-    result = EmbeddingAttribution(resnet, "layer4").attribute_tuples(slots, target)
+    result = EmbeddingAttribution(resnet, "layer4", method="sam").attribute_tuples(slots, target)
     expected = (result.weights.unsqueeze(1) * result.embeddings).sum(-1)
     torch.testing.assert_close(result.scores, expected)
     torch.testing.assert_close(result.embeddings.norm(dim=-1), torch.ones(2, 2))
@@ -206,7 +207,7 @@ def test_scores_are_w_dot_f(resnet):
 def test_mixed_pairs_use_each_pairs_weights(resnet):
     slots, _ = _slots_and_target("same_pair", 4, 32, torch.Generator().manual_seed(7))
     flags = torch.tensor([True, False, True, False])
-    attribution = EmbeddingAttribution(resnet, "layer4")
+    attribution = EmbeddingAttribution(resnet, "layer4", method="sam")
     mixed = attribution.attribute_tuples(slots, flags)
     same = attribution.attribute_tuples(slots, True)
     different = attribution.attribute_tuples(slots, False)
@@ -217,7 +218,7 @@ def test_mixed_pairs_use_each_pairs_weights(resnet):
 
 def test_chunking_does_not_change_maps(resnet):
     slots, _ = _slots_and_target("quadruplet", 5, 32, torch.Generator().manual_seed(8))
-    attribution = EmbeddingAttribution(resnet, "layer4")
+    attribution = EmbeddingAttribution(resnet, "layer4", method="sam")
     whole = attribution.attribute(slots, chunk_size=5)
     chunked = attribution.attribute(slots, chunk_size=2)
     for a, b in zip(whole, chunked):
@@ -226,7 +227,7 @@ def test_chunking_does_not_change_maps(resnet):
 
 def test_custom_weight_fn(resnet):
     slots, _ = _slots_and_target("triplet", 2, 32, torch.Generator().manual_seed(9))
-    attribution = EmbeddingAttribution(resnet, "layer4")
+    attribution = EmbeddingAttribution(resnet, "layer4", method="sam")
     custom = attribution.attribute_tuples(slots, weight_fn=triplet_weights)
     builtin = attribution.attribute_tuples(slots)
     assert custom.kind == "custom"
@@ -237,7 +238,7 @@ def test_custom_weight_fn(resnet):
 
 def test_create_graph_gives_differentiable_maps_with_the_same_values(resnet):
     slots, _ = _slots_and_target("triplet", 2, 32, torch.Generator().manual_seed(10))
-    attribution = EmbeddingAttribution(resnet, "layer4")
+    attribution = EmbeddingAttribution(resnet, "layer4", method="sam")
     plain = attribution.attribute(slots)
     graph = attribution.attribute(slots, create_graph=True)
     for a, b in zip(plain, graph):
@@ -252,7 +253,7 @@ def test_create_graph_gives_differentiable_maps_with_the_same_values(resnet):
 def test_hooking_inside_a_block_with_inplace_ops(resnet):
     # bn2's output is modified in place by `out += identity` and ReLU(inplace=True).
     slots, _ = _slots_and_target("triplet", 1, 64, torch.Generator().manual_seed(11))
-    result = EmbeddingAttribution(resnet, "layer4.1.bn2").attribute_tuples(slots)
+    result = EmbeddingAttribution(resnet, "layer4.1.bn2", method="sam").attribute_tuples(slots)
     expected = _captum_maps(resnet, resnet.layer4[1].bn2, slots, result.weights, True)
     for k, exp in enumerate(expected):
         assert_maps_close(result.maps[:, k : k + 1], exp)
@@ -299,7 +300,7 @@ def test_default_chunks_are_the_forward_passes():
         nn.Conv2d(3, 4, 8, stride=8), nn.ReLU(), nn.Conv2d(4, 4, 2, stride=2), nn.ReLU(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(),
     )
-    attribution = EmbeddingAttribution(model, "2")
+    attribution = EmbeddingAttribution(model, "2", method="sam")
     slots = tuple(torch.rand(5, 3, 224, 224) for _ in range(3))
     attribution.attribute(slots[:1] * 3)  # finds the layer (a probe pass) before counting
     sizes = []

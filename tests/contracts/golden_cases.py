@@ -31,7 +31,7 @@ def _attribution_cases(out: dict) -> None:
     from simexplain import EmbeddingAttribution
 
     net = conv_net()
-    attr = EmbeddingAttribution(net, "act")
+    attr = EmbeddingAttribution(net, "act", method="sam")
     pair, triplet, quad = images(2), images(3, seed=2), images(4, seed=3)
     same = torch.tensor([True, False, True, False])
 
@@ -56,18 +56,20 @@ def _attribution_cases(out: dict) -> None:
     out["attr.create_graph.maps"] = graph.maps.detach()
     out["attr.captum_form"] = torch.cat(attr.attribute(quad), dim=1)
 
-    automatic = EmbeddingAttribution(conv_net())
+    automatic = EmbeddingAttribution(conv_net(), method="sam")
     record("attr.automatic", automatic.attribute_tuples(triplet))
 
     torch.manual_seed(3)
     vit = timm.create_model(
         "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=0
     ).eval()
-    record("attr.vit", EmbeddingAttribution(vit).attribute_tuples(images(3, 2, 32, seed=4)))
+    vit_attr = EmbeddingAttribution(vit, method="sam")
+    record("attr.vit", vit_attr.attribute_tuples(images(3, 2, 32, seed=4)))
 
     torch.manual_seed(4)
     resnet = torchvision.models.resnet18(num_classes=16).eval()
-    record("attr.resnet18", EmbeddingAttribution(resnet).attribute_tuples(images(3, 2, 128, 5)))
+    resnet_attr = EmbeddingAttribution(resnet, method="sam")
+    record("attr.resnet18", resnet_attr.attribute_tuples(images(3, 2, 128, 5)))
 
 
 def _explain_cases(out: dict) -> None:
@@ -81,7 +83,7 @@ def _explain_cases(out: dict) -> None:
         ("quadruplet", 4, [1, 1, 2, 3]),
     ):
         batch = torch.stack(images(count, 2, seed=10 + count), dim=1)
-        exp = explain(net, batch, labels)
+        exp = explain(net, batch, labels, method="sam")
         for field in ("maps", "raw_maps", "scores", "weights", "embeddings"):
             out[f"explain.{name}.{field}"] = getattr(exp, field)
 
@@ -157,7 +159,7 @@ def _loss_cases(out: dict) -> None:
     ]
     for name, metric, tuples, kwargs in plain:
         model = conv_net().train()
-        criterion = SAMLoss(model, metric, gamma=0.25, layer="act")
+        criterion = SAMLoss(model, metric, gamma=0.25, layer="act", method="sam")
         _record_loss(out, f"loss.{name}", model, criterion, tuples, **kwargs)
 
     g = torch.Generator().manual_seed(35)
@@ -166,15 +168,18 @@ def _loss_cases(out: dict) -> None:
     indices = (torch.tensor([0, 0, 3, 6, 6]), torch.tensor([1, 2, 4, 7, 8]),
                torch.tensor([3, 9, 0, 1, 10]))
     model = conv_net().train()
-    criterion = SAMLoss(model, losses.TripletMarginLoss(margin=0.2), layer="act")
+    criterion = SAMLoss(model, losses.TripletMarginLoss(margin=0.2), layer="act",
+                        method="sam")
     _record_loss(out, "loss.batch_indices", model, criterion, batch, labels, indices)
     model = conv_net().train()
     criterion = SAMLoss(model, losses.TripletMarginLoss(margin=0.2), layer="act",
-                        miner=miners.TripletMarginMiner(margin=0.5), max_mining_tuples=6)
+                        miner=miners.TripletMarginMiner(margin=0.5), max_mining_tuples=6,
+                        method="sam")
     _record_loss(out, "loss.batch_miner", model, criterion, batch, labels)
     model = conv_net().train()
     criterion = SAMLoss(model, losses.ContrastiveLoss(), layer="act",
-                        miner=miners.PairMarginMiner(pos_margin=0.0, neg_margin=100.0))
+                        miner=miners.PairMarginMiner(pos_margin=0.0, neg_margin=100.0),
+                        method="sam")
     _record_loss(out, "loss.batch_pairs", model, criterion, batch, labels)
 
 
@@ -184,7 +189,7 @@ def _application_cases(out: dict) -> None:
     from simexplain.apps.stream import explain_stream
 
     net = conv_net()
-    attr = EmbeddingAttribution(net, "act")
+    attr = EmbeddingAttribution(net, "act", method="sam")
     query, matches = images(1, 1, seed=40)[0][0], images(1, 3, seed=41)[0]
     result = explain_matches(attr, query, matches)
     out["retrieval.query_maps"] = result.query_maps
@@ -194,11 +199,12 @@ def _application_cases(out: dict) -> None:
     test, supports = images(1, 1, seed=42)[0][0], images(1, 3, seed=43)[0]
     negative = images(1, 1, seed=44)[0][0]
     for name, negatives in (("pairs", None), ("triplets", negative)):
-        maps, peaks, similarity, _ = similarity_cue(net, test, supports, negatives, layer="act")
+        maps, peaks, similarity, _ = similarity_cue(net, test, supports, negatives, layer="act",
+                                                    method="sam")
         out[f"segment.{name}.maps"] = maps
         out[f"segment.{name}.peaks"] = peaks
         out[f"segment.{name}.similarity"] = similarity
-    seg = segment(net, test, supports, layer="act", method="threshold")
+    seg = segment(net, test, supports, layer="act", mask="threshold", method="sam")
     out["segment.mask"] = seg.mask.to(torch.uint8)
     out["segment.map"] = seg.map
 
@@ -225,7 +231,7 @@ def _metric_cases(out: dict) -> None:
     )
 
     net = conv_net()
-    attr = EmbeddingAttribution(net, "act")
+    attr = EmbeddingAttribution(net, "act", method="sam")
     pair = images(2, seed=50)
     maps = attr.attribute_tuples(pair, True).maps
     out["metrics.deletion"] = deletion_auc(net, pair, maps, steps=4).curves

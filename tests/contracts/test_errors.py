@@ -78,7 +78,7 @@ def model():
 
 @pytest.fixture
 def attr(model):
-    return EmbeddingAttribution(model, "block")
+    return EmbeddingAttribution(model, "block", method="sam")
 
 
 def images(count: int, batch: int = 2, size: int = 16) -> tuple[torch.Tensor, ...]:
@@ -344,22 +344,22 @@ def test_layer_name_that_does_not_exist(model):
         r"the model has no layer named 'blok'\. Close names: \['block'.*model\.named_modules\(\)"
     )
     with raises(model, LayerError, match):
-        EmbeddingAttribution(model, "blok")
+        EmbeddingAttribution(model, "blok", method="sam")
     with raises(model, LayerError, match):
         explain(model, torch.randn(3, 3, 16, 16), layer="blok")
     with raises(model, LayerError, r"no layer named 'head\.9'.*Close names: \['head\."):
-        EmbeddingAttribution(model, "head.9")
+        EmbeddingAttribution(model, "head.9", method="sam")
 
 
 def test_layer_name_without_close_names_lists_some(model):
     with raises(model, LayerError, r"no layer named 'zzzzzz'\. Some names: \["):
-        EmbeddingAttribution(model, "zzzzzz")
+        EmbeddingAttribution(model, "zzzzzz", method="sam")
 
 
 def test_module_not_part_of_the_model(model):
     other = nn.Conv2d(8, 16, 3)
     with raises(model, LayerError, r"the layer Conv2d is not a submodule of the model"):
-        EmbeddingAttribution(model, other).attribute(images(3))
+        EmbeddingAttribution(model, other, method="sam").attribute(images(3))
     with raises(model, LayerError, r"not a submodule of the model"):
         explain(model, torch.randn(3, 3, 16, 16), layer=other)
 
@@ -368,14 +368,14 @@ def test_layer_of_wrong_type(model):
     with raises(
         model, LayerError, r"layer must be None, a dotted module name or an nn.Module, got int"
     ):
-        EmbeddingAttribution(model, 3).attribute(images(3))
+        EmbeddingAttribution(model, 3, method="sam").attribute(images(3))
 
 
 def test_layout_not_known(model):
     with raises(
         model, LayerError, r"layout must be one of \('NCHW', 'NHWC', 'tokens'\), got 'HWC'"
     ):
-        EmbeddingAttribution(model, "block", layout="HWC").attribute(images(3))
+        EmbeddingAttribution(model, "block", layout="HWC", method="sam").attribute(images(3))
 
 
 @pytest.mark.parametrize("name, shape", [("head.4", r"\(2, 8\)"), ("head.3", r"\(2, 16\)")])
@@ -384,25 +384,25 @@ def test_layer_without_spatial_output(model, name, shape):
         rf"layer '{name}' returned {shape} for a 16x16 input, which is not a spatial feature map"
     )
     with raises(model, LayerError, match):
-        EmbeddingAttribution(model, name).attribute(images(3))
+        EmbeddingAttribution(model, name, method="sam").attribute(images(3))
 
 
 def test_global_pool_is_not_a_spatial_layer(model):
     """A 1x1 output (global pooling) is not a map: GradCAM on it is a constant."""
     with raises(model, LayerError, r"layer 'head\.2' .*not a spatial feature map"):
-        EmbeddingAttribution(model, "head.2").attribute(images(3))
+        EmbeddingAttribution(model, "head.2", method="sam").attribute(images(3))
 
 
 def test_resnet_global_pool_is_not_a_spatial_layer():
     resnet = unusual(torchvision.models.resnet18(num_classes=8))
     with raises(resnet, LayerError, r"layer 'avgpool' .*not a spatial feature map"):
-        EmbeddingAttribution(resnet, "avgpool").attribute(images(3, size=64))
+        EmbeddingAttribution(resnet, "avgpool", method="sam").attribute(images(3, size=64))
     with raises(
         resnet,
         LayerError,
         r"layer 'fc' returned \(2, 8\) for a 64x64 input, which is not a spatial",
     ):
-        EmbeddingAttribution(resnet, "fc").attribute(images(3, size=64))
+        EmbeddingAttribution(resnet, "fc", method="sam").attribute(images(3, size=64))
 
 
 def test_layer_not_called_in_forward(model):
@@ -411,7 +411,7 @@ def test_layer_not_called_in_forward(model):
         r"choose a layer the forward pass uses"
     )
     with raises(model, LayerError, match):
-        EmbeddingAttribution(model, "unused").attribute(images(3))
+        EmbeddingAttribution(model, "unused", method="sam").attribute(images(3))
     with raises(model, LayerError, match):
         explain(model, torch.randn(3, 3, 16, 16), layer=model.unused)
 
@@ -466,7 +466,7 @@ def test_model_not_returning_one_vector_per_image(case, layer):
     post, match = BAD_OUTPUTS[case]
     bad = unusual(Wrapped(post))
     with raises(bad, ModelOutputError, match):
-        EmbeddingAttribution(bad, layer).attribute(images(3))
+        EmbeddingAttribution(bad, layer, method="sam").attribute(images(3))
 
 
 def test_model_output_checked_on_the_real_batch():
@@ -478,7 +478,7 @@ def test_model_output_checked_on_the_real_batch():
         return emb if calls["n"] == 1 else emb[:-1]
 
     bad = unusual(Wrapped(post))
-    attr = EmbeddingAttribution(bad, "net.block")
+    attr = EmbeddingAttribution(bad, "net.block", method="sam")
     with raises(bad, ModelOutputError, r"the model returned shape \(5, 8\) for 6 images"):
         attr.attribute(images(3))
 
@@ -486,7 +486,7 @@ def test_model_output_checked_on_the_real_batch():
 def test_spatial_1x1_model_output_is_accepted():
     """(N, d, 1, 1) is one vector per image: flattened, not an error."""
     ok = Wrapped(lambda emb, feats: emb[:, :, None, None]).eval()
-    maps = EmbeddingAttribution(ok, "net.block").attribute(images(3))
+    maps = EmbeddingAttribution(ok, "net.block", method="sam").attribute(images(3))
     assert maps[0].shape == (2, 1, 8, 8)
 
 
@@ -503,7 +503,7 @@ def _inf_post(emb, feats):
 def test_nan_or_inf_embeddings(post, layer):
     bad = unusual(Wrapped(post))
     with raises(bad, ModelOutputError, r"NaN or Inf embeddings"):
-        EmbeddingAttribution(bad, layer).attribute(images(3))
+        EmbeddingAttribution(bad, layer, method="sam").attribute(images(3))
 
 
 def test_nan_embeddings_in_explain():
@@ -522,7 +522,7 @@ def test_nan_from_one_image_only():
         return torch.where(bad_rows[:, None], torch.full_like(emb, math.nan), emb)
 
     bad = unusual(Wrapped(post))
-    attr = EmbeddingAttribution(bad, "net.block")
+    attr = EmbeddingAttribution(bad, "net.block", method="sam")
     a, p, n = images(3)
     n[1] *= 1e9
     with raises(bad, ModelOutputError, r"NaN or Inf embeddings"):
@@ -545,10 +545,11 @@ def test_no_spurious_error_for_a_model_fine_on_the_given_images():
     """Finding the layer must not fail on a model that is finite on the user's images."""
     model = unusual(SqrtNet())
     x = tuple(torch.rand(2, 3, 16, 16) for _ in range(3))
-    explicit = EmbeddingAttribution(model, "conv").attribute(x)
+    explicit = EmbeddingAttribution(model, "conv", method="sam").attribute(x)
     assert all(torch.isfinite(m).all() for m in explicit)
     before = snapshot(model)
-    automatic = EmbeddingAttribution(model).attribute(x)  # no LayerError, no ModelOutputError
+    # no LayerError, no ModelOutputError
+    automatic = EmbeddingAttribution(model, method="sam").attribute(x)
     assert_unchanged(model, before)
     for a, b in zip(automatic, explicit):
         assert torch.equal(a, b)
@@ -599,7 +600,8 @@ def _assert_all_zero_and_finite(t):
 def test_all_zero_activations_give_zero_maps(count):
     model = DeadNet().eval()
     target = torch.tensor([True, False]) if count == 2 else None
-    result = EmbeddingAttribution(model, "act").attribute_tuples(images(count), target=target)
+    attr = EmbeddingAttribution(model, "act", method="sam")
+    result = attr.attribute_tuples(images(count), target=target)
     _assert_all_zero_and_finite(result.maps)
     assert result.maps.shape == (2, count, 8, 8)
     assert torch.isfinite(result.scores).all()
@@ -614,7 +616,7 @@ def test_all_zero_activations_give_zero_maps(count):
 def test_relu_removing_everything_gives_zero_maps():
     torch.manual_seed(0)
     model = NegativeNet().eval()
-    attr = EmbeddingAttribution(model, "act")
+    attr = EmbeddingAttribution(model, "act", method="sam")
     x = images(2)
     raw = attr.attribute(x, weight_fn=_negative_w, relu_attributions=False)
     assert all((m < 0).all() for m in raw)  # the evidence is negative everywhere
@@ -622,11 +624,13 @@ def test_relu_removing_everything_gives_zero_maps():
     for m in maps:
         _assert_all_zero_and_finite(m)
         _assert_all_zero_and_finite(scale_maps(m))
-    exp = explain(model, torch.randn(2, 3, 16, 16), weight_fn=_negative_w, layer="act")
+    exp = explain(model, torch.randn(2, 3, 16, 16), weight_fn=_negative_w, layer="act",
+                  method="sam")
     assert exp.kind == "custom"
     _assert_all_zero_and_finite(exp.maps)
     # without ReLU the scaled maps are finite, in [0, 1]
-    exp = explain(model, torch.randn(2, 3, 16, 16), weight_fn=_negative_w, layer="act", relu=False)
+    exp = explain(model, torch.randn(2, 3, 16, 16), weight_fn=_negative_w, layer="act",
+                  relu=False, method="sam")
     assert torch.isfinite(exp.maps).all() and exp.maps.min() >= 0 and exp.maps.max() <= 1
 
 

@@ -121,7 +121,7 @@ def net():
 def test_attribute_leaves_model_unchanged(net, kind, grad_mode):
     model, calls = net
     count = KINDS[kind]
-    attr = EmbeddingAttribution(model, "block")
+    attr = EmbeddingAttribution(model, "block", method="sam")
     context = {
         "default": torch.enable_grad,
         "no_grad": torch.no_grad,
@@ -153,7 +153,7 @@ def test_explain_leaves_model_unchanged(net, kind):
 
 def test_user_hooks_keep_firing_and_ours_are_gone(net):
     model, calls = net
-    attr = EmbeddingAttribution(model, "block")
+    attr = EmbeddingAttribution(model, "block", method="sam")
     attr.attribute(images(3))  # warm-up: finds the layer
     hooks_before = {name: len(m._forward_hooks) for name, m in model.named_modules()}
     seen = []
@@ -183,7 +183,7 @@ def test_batchnorm_running_stats_unchanged_in_train_mode():
     stats = [
         (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in bn
     ]
-    EmbeddingAttribution(model, "block").attribute(images(3))
+    EmbeddingAttribution(model, "block", method="sam").attribute(images(3))
     explain(model, torch.randn(3, 3, 16, 16), labels=[1, 1, 2])
     explain(model, torch.randn(2, 3, 16, 16), labels=[1, 1])
     for m, (mean, var, count) in zip(bn, stats):
@@ -200,7 +200,7 @@ def test_eval_mode_is_used_during_the_call():
     model.block.register_forward_hook(
         lambda m, i, o: modes.append((m.training, model.stem[1].training))
     )
-    EmbeddingAttribution(model, "block").attribute(images(3))
+    EmbeddingAttribution(model, "block", method="sam").attribute(images(3))
     assert modes and all(mode == (False, False) for mode in modes)
     assert all(m.training for m in model.modules())
 
@@ -210,7 +210,7 @@ def test_resnet18_state_unchanged():
     model, _ = prepared(torchvision.models.resnet18(num_classes=8))
     for count in (2, 3, 4):
         with unchanged(model):
-            EmbeddingAttribution(model, "layer4").attribute(
+            EmbeddingAttribution(model, "layer4", method="sam").attribute(
                 images(count, size=64), target=target_for(count)
             )
     with unchanged(model):
@@ -223,7 +223,7 @@ def test_vit_state_unchanged():
     model, _ = prepared(model)
     for count in (2, 3, 4):
         with unchanged(model):
-            maps = EmbeddingAttribution(model).attribute(
+            maps = EmbeddingAttribution(model, method="sam").attribute(
                 images(count, size=32), target=target_for(count)
             )
         assert maps[0].shape == (2, 1, 2, 2)
@@ -235,11 +235,12 @@ def test_vit_state_unchanged():
 
 
 def _weight_fn_wrong_shape(model):
-    EmbeddingAttribution(model, "block").attribute(images(3), weight_fn=lambda a, p, n: a[:, :3])
+    EmbeddingAttribution(model, "block", method="sam").attribute(
+        images(3), weight_fn=lambda a, p, n: a[:, :3])
 
 
 def _fail_in_forward_cached(model):
-    attr = EmbeddingAttribution(model, "block")
+    attr = EmbeddingAttribution(model, "block", method="sam")
     attr.attribute(images(3))  # layer found and cached
     model.fail = True
     try:
@@ -251,7 +252,7 @@ def _fail_in_forward_cached(model):
 def _fail_in_forward_probe(model):
     model.fail = True
     try:
-        EmbeddingAttribution(model).attribute(images(3))
+        EmbeddingAttribution(model, method="sam").attribute(images(3))
     finally:
         model.fail = False
 
@@ -261,7 +262,7 @@ def _nan_embeddings(model):
     original = bias[0].item()
     bias[0] = float("nan")
     try:
-        EmbeddingAttribution(model, "block").attribute(images(3))
+        EmbeddingAttribution(model, "block", method="sam").attribute(images(3))
     finally:
         bias[0] = original
 
@@ -270,13 +271,13 @@ FAILURES = {
     "forward raises after hooked layer": (_fail_in_forward_cached, RuntimeError),
     "forward raises while finding the layer": (_fail_in_forward_probe, RuntimeError),
     "nan input": (
-        lambda m: EmbeddingAttribution(m, "block").attribute(
+        lambda m: EmbeddingAttribution(m, "block", method="sam").attribute(
             (torch.full((2, 3, 16, 16), float("nan")),) + images(2)
         ),
         InputError,
     ),
     "wrong layer name": (
-        lambda m: EmbeddingAttribution(m, "blok").attribute(images(3)),
+        lambda m: EmbeddingAttribution(m, "blok", method="sam").attribute(images(3)),
         LayerError,
     ),
     "wrong layer name in explain": (
@@ -284,25 +285,25 @@ FAILURES = {
         LayerError,
     ),
     "foreign module": (
-        lambda m: EmbeddingAttribution(m, nn.Conv2d(3, 3, 1)).attribute(images(3)),
+        lambda m: EmbeddingAttribution(m, nn.Conv2d(3, 3, 1), method="sam").attribute(images(3)),
         LayerError,
     ),
     "layer not called": (
-        lambda m: EmbeddingAttribution(m, "unused").attribute(images(3)),
+        lambda m: EmbeddingAttribution(m, "unused", method="sam").attribute(images(3)),
         LayerError,
     ),
     "non-spatial layer": (
-        lambda m: EmbeddingAttribution(m, "head.4").attribute(images(3)),
+        lambda m: EmbeddingAttribution(m, "head.4", method="sam").attribute(images(3)),
         LayerError,
     ),
     "weight_fn wrong shape": (_weight_fn_wrong_shape, InputError),
     "nan embeddings": (_nan_embeddings, ModelOutputError),
     "pair without target": (
-        lambda m: EmbeddingAttribution(m, "block").attribute(images(2)),
+        lambda m: EmbeddingAttribution(m, "block", method="sam").attribute(images(2)),
         InputError,
     ),
     "chunk_size 0": (
-        lambda m: EmbeddingAttribution(m, "block").attribute(images(3), chunk_size=0),
+        lambda m: EmbeddingAttribution(m, "block", method="sam").attribute(images(3), chunk_size=0),
         InputError,
     ),
     "explain labels inconsistent": (
@@ -336,7 +337,7 @@ def test_failing_call_leaves_model_unchanged(case, grad_mode):
 
 def test_grad_mode_restored_and_results_identical():
     model = SmallNet().eval()
-    attr = EmbeddingAttribution(model, "block")
+    attr = EmbeddingAttribution(model, "block", method="sam")
     x = images(3)
     reference = attr.attribute(x)
     with torch.no_grad():
@@ -361,7 +362,7 @@ def test_under_inference_mode():
     """Under torch.inference_mode() the maps are the same, or the error names inference_mode
     (not a misleading LayerError about the layer)."""
     model = SmallNet().eval()
-    attr = EmbeddingAttribution(model, "block")
+    attr = EmbeddingAttribution(model, "block", method="sam")
     x = images(3)
     reference = attr.attribute(x)
     with torch.inference_mode():
@@ -377,7 +378,7 @@ def test_under_inference_mode():
 
 def test_user_backward_hook_on_the_explained_layer():
     model = SmallNet().eval()
-    attr = EmbeddingAttribution(model, "block")
+    attr = EmbeddingAttribution(model, "block", method="sam")
     x = images(3)
     reference = attr.attribute(x)
     seen = []
@@ -394,7 +395,7 @@ def test_captum_sensitivity_metric_runs():
     from captum.metrics import sensitivity_max
 
     model = SmallNet().eval()
-    attr = EmbeddingAttribution(model, "block")
+    attr = EmbeddingAttribution(model, "block", method="sam")
     x = images(3, size=16)
     with unchanged(model):
         sens = sensitivity_max(attr.attribute, x, n_perturb_samples=2, perturb_radius=0.01)
@@ -407,21 +408,21 @@ def test_captum_sensitivity_metric_runs():
 
 def test_results_carry_no_graph_by_default():
     model = SmallNet().eval()
-    attr = EmbeddingAttribution(model, "block")
+    attr = EmbeddingAttribution(model, "block", method="sam")
     for maps in (attr.attribute(images(3)), attr.attribute(images(2), target=True)):
         for m in maps:
             assert not m.requires_grad and m.grad_fn is None
     result = attr.attribute_tuples(images(4))
     for t in (result.maps, result.scores, result.weights, result.embeddings):
         assert not t.requires_grad and t.grad_fn is None
-    exp = explain(model, torch.randn(3, 3, 16, 16), labels=[0, 0, 1])
+    exp = explain(model, torch.randn(3, 3, 16, 16), labels=[0, 0, 1], method="sam")
     for t in (exp.maps, exp.raw_maps, exp.scores, exp.weights, exp.embeddings, exp.images):
         assert not t.requires_grad and t.grad_fn is None
 
 
 def test_create_graph_backpropagates_into_parameters():
     model = SmallNet().eval()
-    attr = EmbeddingAttribution(model, "block")
+    attr = EmbeddingAttribution(model, "block", method="sam")
     maps = attr.attribute(images(3), create_graph=True)
     assert all(m.requires_grad and m.grad_fn is not None for m in maps)
     assert all(p.grad is None for p in model.parameters())  # the call itself filled nothing
@@ -442,7 +443,7 @@ def _live_tensors() -> int:
 
 def test_no_memory_growth_over_200_calls():
     model, _ = prepared(SmallNet())
-    attr = EmbeddingAttribution(model, "block")
+    attr = EmbeddingAttribution(model, "block", method="sam")
     x, x_pair = images(3, size=16), images(2, size=16)
     target = torch.tensor([True, False])
 
@@ -471,8 +472,8 @@ def test_no_memory_growth_over_200_calls():
 
 def test_model_is_garbage_collected_after_use():
     model = SmallNet()
-    EmbeddingAttribution(model, "block").attribute(images(3))
-    EmbeddingAttribution(model).attribute(images(3))
+    EmbeddingAttribution(model, "block", method="sam").attribute(images(3))
+    EmbeddingAttribution(model, method="sam").attribute(images(3))
     explain(model, torch.randn(3, 3, 16, 16), labels=[0, 0, 1])
     ref = weakref.ref(model)
     del model
@@ -508,7 +509,7 @@ def test_trunk_before_the_layer_builds_no_graph(chunk_size):
     for depth in (1, 6):
         torch.manual_seed(0)
         model = SmallNet(depth=depth).eval()
-        attr = EmbeddingAttribution(model, "block")
+        attr = EmbeddingAttribution(model, "block", method="sam")
         attr.attribute(x)  # warm-up: the layer is found (with a graph) once and cached
         counts[depth] = _saved_during(lambda: attr.attribute(x, chunk_size=chunk_size))
         full[depth] = _saved_during(lambda: model(torch.cat(x)))
@@ -530,7 +531,7 @@ def test_create_graph_keeps_the_trunk_graph():
     for depth in (1, 6):
         torch.manual_seed(0)
         model = SmallNet(depth=depth).eval()
-        attr = EmbeddingAttribution(model, "block")
+        attr = EmbeddingAttribution(model, "block", method="sam")
         attr.attribute(x)
         counts[depth] = _saved_during(lambda: attr.attribute(x, create_graph=True))
     assert counts[6] > counts[1]

@@ -23,6 +23,7 @@ from simexplain.methods import (
     cosine_coefficients,
     get_method,
     register_method,
+    score_methods,
     train_pair_head,
 )
 from simexplain.metrics import randomization_sanity
@@ -62,10 +63,21 @@ def resnet():
 
 
 def test_registry_names_and_lookup():
-    assert set(METHODS) == {"sam", "gradcam_cosine", "stylianou", "point_specific", "bce_gradcam"}
+    assert set(METHODS) == {"sam", "sam_rescaled", "sam_contrib", "psam", "gradcam_cosine",
+                            "stylianou", "point_specific", "bce_gradcam"}
     assert get_method("stylianou") is Stylianou
     with pytest.raises(InputError, match="unknown explanation method 'gradcam'.*sam"):
         get_method("gradcam")
+
+
+def test_score_methods_and_methods_that_need_more_than_the_model(resnet):
+    assert score_methods() == ["bce_gradcam", "gradcam_cosine", "psam", "sam", "sam_contrib",
+                               "sam_rescaled"]
+    assert "bce_gradcam" not in score_methods(standalone=True)
+    with unchanged(resnet), pytest.raises(InputError, match="'bce_gradcam' needs head="):
+        EmbeddingAttribution(resnet, "layer4", method="bce_gradcam")
+    with pytest.raises(InputError, match="not GradCAM of a per-image score"):
+        EmbeddingAttribution(resnet, "layer4", method="stylianou")
 
 
 def test_register_method_rejects_clashes_and_non_methods():
@@ -132,7 +144,7 @@ def test_gradcam_cosine_is_sam_with_sum_of_embeddings_as_w(resnet):
     """The documented identity: for pairs, w = f1 + f2 gives the cosine targets."""
     x1, x2 = torch.randn(2, 2, 3, 64, 64)
     maps = GradCAMCosine(resnet, layer="layer4").explain((x1, x2))
-    sam = EmbeddingAttribution(resnet, "layer4").attribute_tuples(
+    sam = EmbeddingAttribution(resnet, "layer4", method="sam").attribute_tuples(
         (x1, x2), weight_fn=lambda f1, f2: f1 + f2
     )
     torch.testing.assert_close(maps, sam.maps, rtol=1e-4, atol=1e-7)
@@ -328,7 +340,7 @@ def build(name, model, layer):
 def test_every_method_on_resnet_keeps_state_and_serves_as_explain_fn(resnet, name):
     x1, x2, x3 = torch.randn(3, 2, 3, 64, 64)
     method = build(name, resnet, resnet.layer4)  # a module spec, rebuilt by name for copies
-    options = {"same_class": torch.tensor([True, False])} if name == "sam" else {}
+    options = {"same_class": torch.tensor([True, False])} if name.startswith("sam") else {}
     resnet.train()
     with unchanged(resnet), torch.no_grad():
         pair_maps = method.explain((x1, x2), **options)

@@ -121,12 +121,25 @@ def spy_on_masks(monkeypatch) -> dict:
     return seen
 
 
-def test_maps_used_for_masking_are_the_attribution_maps(one_thread, monkeypatch):
+MINING_CASES = [("psam", None), ("psam", "reference"), ("gradcam_cosine", None), ("sam", None)]
+
+
+@pytest.mark.parametrize("method, reference", MINING_CASES)
+@pytest.mark.parametrize("count", [2, 3, 4])
+def test_maps_used_for_masking_are_the_attribution_maps(one_thread, monkeypatch, method,
+                                                        reference, count):
     model = small_net()
-    slots = tuples(3)
+    slots = tuples(count)
+    if reference is not None:
+        reference = torch.randn(16, 6)
     seen = spy_on_masks(monkeypatch)
-    SAMLoss(model, nn.TripletMarginLoss(), gamma=1.0, layer="3")(slots)
-    expected = EmbeddingAttribution(model, "3").attribute_tuples(slots).maps  # (B, T, h, w)
+    kwargs = {"same_class": True} if count == 2 else {}
+    metric = (lambda f1, f2, same: f1.sum() * 0) if count == 2 else (lambda *f: f[0].sum() * 0)
+    SAMLoss(model, metric, gamma=1.0, layer="3", method=method, reference=reference)(
+        slots, **kwargs)
+    options = {} if reference is None else {"reference": reference}
+    attr = EmbeddingAttribution(model, "3", method=method, **options)
+    expected = attr.attribute_tuples(slots, True if count == 2 else None).maps  # (B, T, h, w)
     torch.testing.assert_close(seen["maps"], expected.transpose(0, 1).reshape(-1, SIZE, SIZE))
 
 
@@ -138,9 +151,10 @@ def test_images_in_several_tuples_get_each_tuples_map(one_thread, monkeypatch):
     a, p, n = torch.tensor([0, 0, 2]), torch.tensor([1, 1, 3]), torch.tensor([2, 4, 0])
     seen = spy_on_masks(monkeypatch)
     criterion = SAMLoss(model, losses.TripletMarginLoss(), gamma=1.0, layer="3",
-                        max_mining_tuples=10)
+                        max_mining_tuples=10, method="sam")
     criterion(images, labels, (a, p, n))
-    per_tuple = EmbeddingAttribution(model, "3").attribute_tuples((images[a], images[p], images[n]))
+    attr = EmbeddingAttribution(model, "3", method="sam")
+    per_tuple = attr.attribute_tuples((images[a], images[p], images[n]))
     torch.testing.assert_close(seen["maps"], per_tuple.maps.transpose(0, 1).reshape(-1, SIZE, SIZE))
 
 

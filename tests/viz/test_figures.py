@@ -46,7 +46,15 @@ def image_axes(figure):
 
 
 def colorbar_axes(figure):
-    return [ax for ax in figure.axes if ax.get_ylabel() == "attention"]
+    return [ax for ax in figure.axes if ax.get_ylabel().startswith("attention")]
+
+
+def test_colorbar_names_the_method_that_made_the_maps():
+    figure = plot_explanation(make_explanation("triplet", 3))
+    assert [ax.get_ylabel() for ax in colorbar_axes(figure)] == ["attention (psam)"]
+    sam = make_explanation("triplet", 3)
+    sam.method = "sam"
+    assert colorbar_axes(plot_explanation(sam))[0].get_ylabel() == "attention (sam)"
 
 
 def test_display_image_undoes_the_model_normalisation():

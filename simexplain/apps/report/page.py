@@ -25,6 +25,15 @@ if TYPE_CHECKING:
 
 __all__ = ["MARKER_FILE", "write_report_files"]
 
+# How the report describes the maps of each method.
+_METHOD_NOTES = {
+    "psam": "partner-aware SAM: what in each image matches the other, measured from the "
+            "gallery's mean embedding",
+    "gradcam_cosine": "GradCAM of the cosine: what in each image raises the similarity",
+    "sam": "paper SAM: nearly the same map whatever the partner for high-dimensional "
+           "normalised embeddings",
+}
+
 # Written into every report folder, so a later run knows it may replace the folder.
 MARKER_FILE = ".simexplain-report"
 _JPEG_QUALITY = 90
@@ -176,9 +185,12 @@ def _page_html(report: "RetrievalReport", cards: str, data: dict[str, Any]) -> s
         "(point-to-point similarity). Under each match: its map, and the query's map "
         "for that match.</p>"
     )
+    about = _METHOD_NOTES.get(report.method, "see the documentation")
+    method = f'<p class="method">Maps: <code>{html.escape(report.method)}</code> ({about}).</p>'
     page = _fill(
         "page.html",
         title=title,
+        method=method,
         note=note,
         cards=cards,
         payload=payload,

@@ -30,14 +30,14 @@ import torch
 from torch import Tensor, nn
 
 from ..._progress import progress_bar
-from ...attribution.embedding_attribution import EmbeddingAttribution
 from ...data.preprocessing import Preprocessing, preprocess_images, resolve_preprocessing
 from ...engine.state import model_device
 from ...engine.target_layer import LayerSpec
 from ...errors import InputError, LayerError, ModelOutputError
 from ...methods.decomposition import PointSpecific
+from ...methods.defaults import DEFAULT_METHOD
 from ..gallery import embed_gallery, embed_images
-from ..retrieval import explain_matches, rank_gallery
+from ..retrieval import explain_matches, explainer, rank_gallery
 from .page import MARKER_FILE, write_report_files
 
 __all__ = ["ReportMatch", "ReportCard", "RetrievalReport", "retrieval_report",
@@ -95,6 +95,7 @@ class RetrievalReport:
         mean, std: the normalisation of the images, to display them.
         point_maps_note: why point maps are missing (empty when they are there).
         title: the page title.
+        method: the explanation method of the maps.
     """
 
     cards: list[ReportCard]
@@ -102,6 +103,7 @@ class RetrievalReport:
     std: Optional[Sequence[float]] = None
     point_maps_note: str = ""
     title: str = "simexplain retrieval report"
+    method: str = DEFAULT_METHOD
     _colormap: str = field(default="jet", repr=False)
 
     def write(self, out: "str | os.PathLike[str]", *, replace: bool = True) -> Path:
@@ -169,6 +171,7 @@ def retrieval_report(
     preprocessing: Optional[Preprocessing] = None,
     top_k: int = 5,
     layer: LayerSpec = None,
+    method: str = DEFAULT_METHOD,
     point_maps: bool = True,
     batch_size: int = 32,
     cache: "str | os.PathLike[str] | None" = None,
@@ -186,7 +189,10 @@ def retrieval_report(
             correct or incorrect.
         preprocessing: the model's preprocessing (default: resolved from the model).
         top_k: matches per query.
-        layer: the layer of the SAM maps (default: found automatically).
+        layer: the layer of the maps (default: found automatically).
+        method: the explanation method of each (query, match) pair's maps (a name of
+            :func:`~simexplain.methods.score_methods`); ``"psam"``, the default, measures
+            its maps from the gallery's mean embedding.
         point_maps: compute point-to-point maps; they need an embedding that is a
             linear function of globally average pooled features, and are left out with
             a note (:attr:`RetrievalReport.point_maps_note`) for other models.
@@ -245,7 +251,7 @@ def retrieval_report(
         )
     similarities, indices = rank_gallery(query_embeddings, gallery_embeddings, top_k)
 
-    attribution = EmbeddingAttribution(model, layer)
+    attribution = explainer(model, layer, method, gallery_embeddings)
     point_method, note = (PointSpecific(model), "") if point_maps else (None, "not requested")
     cards = []
     with progress_bar(len(queries), "explaining queries", "img", progress) as bar:
@@ -273,7 +279,8 @@ def retrieval_report(
             cards.append(ReportCard(queries[q], query_labels[q], images[0], matches))
             bar.update(1)
     return RetrievalReport(
-        cards, preprocessing.mean, preprocessing.std, point_maps_note=note, title=title
+        cards, preprocessing.mean, preprocessing.std, point_maps_note=note, title=title,
+        method=method,
     )
 
 
