@@ -74,6 +74,7 @@ _EXPORTS = {
     "InputError": ".errors",
     "LayerError": ".errors",
     "ModelOutputError": ".errors",
+    "ModelForwardError": ".errors",
     "ModelLoadError": ".errors",
     # sub-packages, so that ``simexplain.metrics.pointing_game`` works after ``import simexplain``
     "engine": ".engine",
@@ -121,7 +122,14 @@ if TYPE_CHECKING:  # what static checkers and IDEs see
         upsample_maps,
     )
     from .engine.tuples import check_labels
-    from .errors import InputError, LayerError, ModelLoadError, ModelOutputError, SimExplainError
+    from .errors import (
+        InputError,
+        LayerError,
+        ModelForwardError,
+        ModelLoadError,
+        ModelOutputError,
+        SimExplainError,
+    )
     from .methods import METHODS, CosineScore, SAMScore, get_method, register_method
     from .methods.criteria import (
         different_class_pair_weights,

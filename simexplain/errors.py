@@ -7,6 +7,7 @@ __all__ = [
     "InputError",
     "LayerError",
     "ModelOutputError",
+    "ModelForwardError",
     "ModelLoadError",
     "MissingExtraError",
 ]
@@ -28,8 +29,14 @@ class ModelOutputError(SimExplainError):
     """The model does not return one finite embedding vector per image."""
 
 
+class ModelForwardError(InputError):
+    """The model raised during a forward pass simexplain ran; the model's own exception is
+    the ``__cause__``, and the message says what was passed to the model."""
+
+
 class ModelLoadError(InputError):
-    """A model spec, checkpoint or pretrained download could not be turned into a model."""
+    """A model spec, checkpoint or pretrained download could not be turned into a model, or
+    the model is one whose layers cannot be hooked (TorchScript)."""
 
 
 class MissingExtraError(InputError, ImportError):

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from .._files import atomic_write
@@ -187,7 +188,10 @@ class MapWriter:
 
     # ------------------------------------------------------------------- internals
     def _array(self, tensor: Tensor) -> np.ndarray:
-        array = tensor.detach().cpu().numpy()
+        tensor = tensor.detach().cpu()
+        if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16; float32 holds it exactly
+            tensor = tensor.float()
+        array = tensor.numpy()
         if self.dtype is not None and np.issubdtype(array.dtype, np.floating):
             array = array.astype(self.dtype)
         return array

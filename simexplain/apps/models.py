@@ -1,8 +1,11 @@
 """Building an embedding model from a short spec: ``timm:NAME``, ``torchvision:NAME`` or a file.
 
 Checkpoints are loaded without unpickling arbitrary Python objects: safetensors files,
-state dicts through ``torch.load(weights_only=True)``, or TorchScript archives. A state
-dict holds no architecture, so ``arch`` (``timm:NAME`` or ``torchvision:NAME``) names it.
+state dicts through ``torch.load(weights_only=True)``, or programs saved with
+``torch.export.save`` (``.pt2``; see :mod:`simexplain.apps.exported`). A state dict holds
+no architecture, so ``arch`` (``timm:NAME`` or ``torchvision:NAME``) names it. TorchScript
+archives are refused with a message saying how to export instead: their layers cannot be
+hooked.
 
 Models built from a name return their pooled features as the embedding: timm's
 ``num_classes=0``, and for torchvision the last ``nn.Linear`` (the classifier) replaced
@@ -21,7 +24,9 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from ..engine.state import EXPORT_RECIPE
 from ..errors import ModelLoadError
+from .exported import is_exported_program, load_exported_program
 
 __all__ = ["ModelLoadError", "load_model", "build_named_model", "load_checkpoint_weights"]
 
@@ -45,8 +50,9 @@ def load_model(
 
     Args:
         spec: ``"timm:NAME"``, ``"torchvision:NAME"``, or the path of a checkpoint:
-            ``.safetensors``, a ``torch.save``'d state dict (needs ``arch``), or a
-            TorchScript archive (``torch.jit.save``).
+            ``.safetensors``, a ``torch.save``'d state dict (needs ``arch``), or an
+            exported program (``torch.export.save``, exported in eval mode with a dynamic
+            batch dimension), which is returned unflattened so its layers can be hooked.
         arch: for state-dict checkpoints, the architecture the weights belong to,
             ``"timm:NAME"`` or ``"torchvision:NAME"``.
         pretrained: download the library's pretrained weights for a named model
@@ -57,7 +63,8 @@ def load_model(
 
     Raises:
         ModelLoadError: an unknown name, a missing or unreadable checkpoint, weights
-            that do not match ``arch``, or a download that failed.
+            that do not match ``arch``, a download that failed, a TorchScript archive,
+            or an exported program with a fixed batch size or exported in training mode.
 
     Example:
         >>> model = load_model("torchvision:resnet18")
@@ -210,8 +217,8 @@ def load_checkpoint_weights(path: str) -> dict[str, torch.Tensor]:
             raise ModelLoadError(f"cannot read checkpoint {path}: {_one_line(error)}") from None
         raise ModelLoadError(
             f"checkpoint {path} holds Python objects, not only tensors, and simexplain never "
-            "unpickles those; save model.state_dict() (or use safetensors or TorchScript) "
-            "and name its architecture with arch="
+            "unpickles those; save model.state_dict() (or use safetensors) and name its "
+            "architecture with arch=, or save the whole model with torch.export.save (.pt2)"
         ) from None
     except Exception as error:
         raise ModelLoadError(f"cannot read checkpoint {path}: {_one_line(error)}") from None
@@ -238,15 +245,16 @@ def _unwrap_state_dict(state: Any, path: str) -> dict[str, torch.Tensor]:
 def _load_checkpoint_model(path: str, arch: Optional[str], keep_head: bool) -> nn.Module:
     if not os.path.isfile(path):
         raise ModelLoadError(f"checkpoint {path} is not a file")
-    if _is_torchscript(path):
+    if is_exported_program(path):
         if arch is not None:
-            raise ModelLoadError(f"{path} is a TorchScript model, which needs no arch=")
-        try:
-            return torch.jit.load(path, map_location="cpu")
-        except Exception as error:
-            raise ModelLoadError(
-                f"cannot read TorchScript model {path}: {_one_line(error)}"
-            ) from None
+            raise ModelLoadError(f"{path} is an exported program, which needs no arch=")
+        return load_exported_program(path)
+    if _is_torchscript(path):
+        raise ModelLoadError(
+            f"{path} is a TorchScript archive (torch.jit.save), whose layers cannot be "
+            "hooked, so simexplain cannot explain it (and torch.jit is deprecated); save an "
+            f"exported program instead: {EXPORT_RECIPE}, and pass model.pt2"
+        )
     state = load_checkpoint_weights(path)
     if arch is None:
         raise ModelLoadError(

@@ -32,7 +32,7 @@ def _model_options() -> argparse.ArgumentParser:
         required=True,
         metavar="SPEC",
         help="timm:NAME, torchvision:NAME, or a checkpoint file (.safetensors, a "
-        "torch.save'd state dict with --arch, or TorchScript)",
+        "torch.save'd state dict with --arch, or a torch.export.save'd .pt2 program)",
     )
     group.add_argument(
         "--arch",

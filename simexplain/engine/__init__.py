@@ -11,6 +11,7 @@ from . import (
     chunking,
     embeddings,
     engine,
+    gradients,
     inputs,
     layouts,
     maps,
@@ -27,6 +28,7 @@ from .maps import *  # noqa: F403
 from .chunking import *  # noqa: F403
 from .inputs import *  # noqa: F403
 from .embeddings import *  # noqa: F403
+from .gradients import *  # noqa: F403
 from .tuples import *  # noqa: F403
 from .state import *  # noqa: F403
 
@@ -39,6 +41,7 @@ __all__ = [
     *chunking.__all__,
     *inputs.__all__,
     *embeddings.__all__,
+    *gradients.__all__,
     *tuples.__all__,
     *state.__all__,
 ]

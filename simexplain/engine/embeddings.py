@@ -11,14 +11,38 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..errors import LayerError, ModelOutputError
+from ..errors import LayerError, ModelForwardError, ModelOutputError, SimExplainError
 
-__all__ = ["embedding_matrix", "finite_embeddings", "layer_not_on_path"]
+__all__ = ["run_model", "embedding_matrix", "finite_embeddings", "layer_not_on_path"]
 
 _NOT_FINITE = (
     "the model produced NaN or Inf embeddings for finite inputs; check the model's weights "
     "and numerics (e.g. run it in float32)"
 )
+
+
+def run_model(model: Any, images: Tensor, forward_args: tuple = ()) -> Any:
+    """``model(images, *forward_args)``; an exception the model raises comes back as a
+    :class:`~simexplain.errors.ModelForwardError` that says what was passed to it, with
+    the model's exception as its cause (simexplain's own errors pass as they are)."""
+    try:
+        return model(images, *forward_args)
+    except SimExplainError:
+        raise
+    except Exception as error:
+        passed = f"a {str(images.dtype).removeprefix('torch.')} tensor of shape " \
+                 f"{tuple(images.shape)} on {images.device}"
+        if forward_args:
+            extra = ", ".join(
+                f"{tuple(a.shape)} tensor" if isinstance(a, Tensor) else type(a).__name__
+                for a in forward_args
+            )
+            passed += f", then {extra}"
+        raise ModelForwardError(
+            f"the model raised {type(error).__name__} on what simexplain passed it ({passed}): "
+            f"{error}. Check that the images match what the model expects (channels, size, "
+            "dtype, device and normalisation) and that extra forward arguments are right"
+        ) from error
 
 
 def embedding_matrix(output: Any, num_images: int) -> Tensor:

@@ -31,12 +31,13 @@ from torch import Tensor, nn
 
 from ..errors import LayerError
 from .chunking import chunk_size_for
-from .embeddings import embedding_matrix, finite_embeddings, layer_not_on_path
+from .embeddings import embedding_matrix, finite_embeddings, run_model
+from .gradients import batch_statistics_norms, layer_gradient, score_gradient
 from .inputs import TensorOrTuple, as_forward_args, check_tuple_inputs, tuple_forward_args
 from .layouts import FeatureLayer, to_spatial
-from .maps import gradcam_maps
+from .maps import full_precision, gradcam_maps
 from .score import SimilarityScore
-from .state import preserved_state
+from .state import check_hookable, frozen_norm_statistics, preserved_state, unwrap_data_parallel
 from .target_layer import LayerSpec, get_layer, resolve_layer
 
 __all__ = ["SimilarityEngine", "TupleResult"]
@@ -90,6 +91,14 @@ class SimilarityEngine:
         reshape_transform: any function turning the layer output into ``(N, C, h, w)``;
             overrides ``layout``.
         eval_mode: put the model (and a score's modules) in eval mode during each call.
+            With ``False``, batch norms in train mode after the layer couple the images of
+            a forward pass: the batch then goes through in one pass (``chunk_size`` is not
+            used) and each image gets its own backward pass, so its map is its own score's
+            (:mod:`~simexplain.engine.gradients`); their running statistics are not
+            updated by an explanation.
+        per_image_gradients: one backward pass per image: ``None`` (default) when a batch
+            norm that uses the batch's statistics runs after the layer, ``True`` also for
+            other couplings the engine cannot see (e.g. attention across the batch).
 
     Example:
         >>> import torch, torchvision
@@ -110,15 +119,24 @@ class SimilarityEngine:
         num_prefix_tokens: Optional[int] = None,
         reshape_transform: Optional[Callable[[Tensor], Tensor]] = None,
         eval_mode: bool = True,
+        per_image_gradients: Optional[bool] = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        check_hookable(model)
+        if isinstance(layer, str) and model is not unwrap_data_parallel(model):
+            layer = layer.removeprefix("module.")
+        model = unwrap_data_parallel(model)
         self.model = model
         self.layer_spec = layer
         self.layout = layout
         self.num_prefix_tokens = num_prefix_tokens
         self.reshape_transform = reshape_transform
         self.eval_mode = eval_mode
+        self.per_image_gradients = per_image_gradients
+        #: Whether the last :meth:`forward` coupled its images after the layer (a batch
+        #: norm with batch statistics ran after it, or ``per_image_gradients=True``).
+        self.couples_images = bool(per_image_gradients)
         if isinstance(layer, str):
             get_layer(model, layer)  # fail early on a wrong name
 
@@ -150,9 +168,12 @@ class SimilarityEngine:
         slots = check_tuple_inputs(inputs)
         batch, count = slots[0].shape[0], len(slots)
         score = score.bind(count, batch)
-        chunk = chunk_size_for(slots, chunk_size)
         args = as_forward_args(forward_args)
-        with self.session(*score.modules()):
+        with self.session(*score.modules()), frozen_norm_statistics(self.model):
+            # Images coupled by batch statistics are explained as the model sees them: at once.
+            coupled = self.per_image_gradients or (
+                self.per_image_gradients is None and batch_statistics_norms(self.model))
+            chunk = batch if coupled else chunk_size_for(slots, chunk_size)
             layer = self.feature_layer(
                 slots[0][:2], tuple_forward_args(args, batch, 0, min(2, batch), 1)
             )
@@ -192,13 +213,15 @@ class SimilarityEngine:
         images = torch.cat(slots)
         activation, embeddings = self.forward(images, layer, args, create_graph)
         per_slot = embeddings.reshape(num_slots, batch, -1)
-        scored = score(per_slot)
+        wide = full_precision(per_slot)  # scores in float32 for half-precision models
+        scored = score(wide)
         gradient = self.score_gradient(
-            scored.values, activation, score.partners_fixed, create_graph
+            scored.values, activation, score.partners_fixed, create_graph,
+            through=None if wide is per_slot else (per_slot, wide),
         )
         maps = self.combine(activation, gradient, layer, (images.shape[-2], images.shape[-1]), relu)
         values, weights = scored.values, scored.weights
-        normalized = F.normalize(per_slot if create_graph else per_slot.detach(), dim=-1)
+        normalized = F.normalize(wide if create_graph else wide.detach(), dim=-1)
         if not create_graph:
             maps, values = maps.detach(), values.detach()
             weights = None if weights is None else weights.detach()
@@ -263,10 +286,18 @@ class SimilarityEngine:
             # The clone shields the leaf from in-place ops later in the forward pass.
             return source.clone()
 
+        def after_layer(module: nn.Module, inputs: tuple, output: Any) -> None:
+            if captured:
+                self.couples_images = True
+
+        self.couples_images = bool(self.per_image_gradients)
+        norms = [] if self.per_image_gradients is not None else batch_statistics_norms(self.model)
+        handles = [m.register_forward_hook(after_layer) for m in norms]
         handle = layer.module.register_forward_hook(hook)
+        handles.append(handle)
         try:
             with torch.set_grad_enabled(create_graph):
-                output = self.model(images, *forward_args)
+                output = run_model(self.model, images, forward_args)
                 if not captured:
                     raise LayerError(
                         f"layer {layer.name!r} was not called during the forward pass; "
@@ -275,13 +306,14 @@ class SimilarityEngine:
                 read = finite_embeddings if check_finite else embedding_matrix
                 embeddings = read(output, images.shape[0])
         finally:
-            handle.remove()
+            for each in handles:
+                each.remove()
         return captured[0], embeddings
 
     def embed(self, images: Tensor, forward_args: tuple = ()) -> Tensor:
         """Plain embeddings ``(N, d)`` of ``images``: no hook, the model's state restored."""
         with preserved_state(self.model, eval_mode=self.eval_mode):
-            return embedding_matrix(self.model(images, *forward_args), images.shape[0])
+            return embedding_matrix(run_model(self.model, images, forward_args), images.shape[0])
 
     def spatial(self, tensor: Tensor, layer: FeatureLayer, image_hw: tuple[int, int]) -> Tensor:
         """The layer output (or its gradient) as ``(N, C, h, w)``."""
@@ -311,47 +343,13 @@ class SimilarityEngine:
         activation: Tensor,
         partners_fixed: bool = True,
         create_graph: bool = False,
+        through: Optional[tuple[Tensor, Tensor]] = None,
     ) -> Tensor:
-        """The gradient of each image's score ``(B, T)`` at its own rows of ``activation``.
+        """The gradient of each image's score ``(B, T)`` at its own rows of ``activation``,
+        one backward pass per image when the last forward coupled the images
+        (:func:`~simexplain.engine.gradients.score_gradient`)."""
+        return score_gradient(scores, activation, partners_fixed=partners_fixed,
+                              per_image=self.couples_images, create_graph=create_graph,
+                              through=through)
 
-        When every score depends on its own image only (``partners_fixed``), one pass of
-        their sum gives all of them; otherwise one pass per slot, each keeping its rows.
-        """
-        if partners_fixed:
-            return self.layer_gradient(scores.sum(), activation, create_graph=create_graph)
-        batch, count = scores.shape
-        grads = [
-            self.layer_gradient(
-                scores[:, k].sum(),
-                activation,
-                retain_graph=create_graph or k < count - 1,
-                create_graph=create_graph,
-            )[k * batch : (k + 1) * batch]
-            for k in range(count)
-        ]
-        return torch.cat(grads)
-
-    @staticmethod
-    def layer_gradient(
-        outputs: Tensor,
-        activation: Tensor,
-        grad_outputs: Optional[Tensor] = None,
-        *,
-        retain_graph: Optional[bool] = None,
-        create_graph: bool = False,
-    ) -> Tensor:
-        """``d outputs / d activation`` (a vector-Jacobian product with ``grad_outputs``),
-        with a clear error when the outputs do not depend on the layer."""
-        if not outputs.requires_grad:
-            raise layer_not_on_path()
-        (gradient,) = torch.autograd.grad(
-            outputs,
-            activation,
-            grad_outputs,
-            retain_graph=create_graph if retain_graph is None else retain_graph,
-            create_graph=create_graph,
-            allow_unused=True,
-        )
-        if gradient is None:
-            raise layer_not_on_path()
-        return gradient
+    layer_gradient = staticmethod(layer_gradient)

@@ -10,7 +10,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["gradcam_maps", "upsample_maps", "scale_maps", "image_maps"]
+__all__ = ["gradcam_maps", "upsample_maps", "scale_maps", "image_maps", "full_precision"]
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def full_precision(tensor: Tensor) -> Tensor:
+    """``tensor`` in float32 when it is float16 or bfloat16, else itself: scores, norms
+    and maps are computed there (float16's smallest normal is 6e-5, so a quadruplet's
+    product of three small factors, or an ``eps`` of 1e-12, would round to zero)."""
+    return tensor.float() if tensor.dtype in _LOW_PRECISION else tensor
 
 
 def gradcam_maps(features: Tensor, gradients: Tensor, relu: bool = True) -> Tensor:
@@ -23,6 +32,7 @@ def gradcam_maps(features: Tensor, gradients: Tensor, relu: bool = True) -> Tens
     tensor([[[-2., -2.],
              [-2., -2.]]])
     """
+    features, gradients = full_precision(features), full_precision(gradients)
     channel_weights = gradients.mean(dim=(2, 3), keepdim=True)
     maps = (channel_weights * features).sum(dim=1)
     return torch.relu(maps) if relu else maps
@@ -42,13 +52,17 @@ def scale_maps(maps: Tensor, eps: float = 1e-12) -> Tensor:
 
     Non-negative maps (after ReLU) are divided by their maximum, so zero stays zero;
     maps with negative values are min-max scaled. An all-zero (or constant) map gives
-    zeros, never NaN.
+    zeros, never NaN, in every dtype (float16 and bfloat16 maps are scaled in float32).
+
+    >>> scale_maps(torch.zeros(1, 2, 2, dtype=torch.float16))
+    tensor([[[0., 0.],
+             [0., 0.]]], dtype=torch.float16)
     """
-    flat = maps.flatten(-2)
+    flat = full_precision(maps.flatten(-2))
     low = flat.amin(dim=-1, keepdim=True).clamp_max(0)
     high = flat.amax(dim=-1, keepdim=True)
     scaled = (flat - low) / (high - low).clamp_min(eps)
-    return scaled.reshape(maps.shape)
+    return scaled.to(maps.dtype).reshape(maps.shape)
 
 
 def image_maps(maps: Tensor, size: tuple[int, int]) -> Tensor:

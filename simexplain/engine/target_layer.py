@@ -21,11 +21,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import LayerError
-from .embeddings import finite_embeddings
+from .embeddings import finite_embeddings, run_model
 from .layouts import LAYOUTS, FeatureLayer, infer_layout, to_spatial
-from .state import preserved_state
+from .state import is_wrapper, preserved_state
 
-__all__ = ["LayerSpec", "find_feature_layer", "resolve_layer", "get_layer"]
+__all__ = ["LayerSpec", "find_feature_layer", "resolve_layer", "get_layer", "wrapped_name"]
+
+#: Set on a module that stands for another class (an unflattened exported submodule): the
+#: qualified name of that class, which the layer search's type rules then apply to.
+SOURCE_TYPE_ATTRIBUTE = "simexplain_source_type"
 
 #: How a layer is named: ``None`` (found automatically), a dotted name, or the module.
 LayerSpec = Union[None, str, nn.Module]
@@ -42,10 +46,21 @@ _RESAMPLING_POOLS = (
 )  # fmt: skip
 
 
+def wrapped_name(model: nn.Module, name: str) -> str:
+    """``name`` as ``model`` spells it: a DistributedDataParallel (or DataParallel) wrapper
+    also takes the wrapped model's own names, without its ``module.`` prefix."""
+    if is_wrapper(model) and not name.startswith("module."):
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            return "module." + name
+    return name
+
+
 def get_layer(model: nn.Module, name: str) -> nn.Module:
     """Return ``model``'s submodule called ``name``, or an error listing close names."""
     try:
-        return model.get_submodule(name)
+        return model.get_submodule(wrapped_name(model, name))
     except AttributeError:
         names = [n for n, _ in model.named_modules() if n]
         close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
@@ -88,7 +103,7 @@ def resolve_layer(
     if isinstance(layer, nn.Module):
         name = _module_name(model, layer)
     elif isinstance(layer, str):
-        name = layer
+        name = wrapped_name(model, layer)
         get_layer(model, name)
     elif layer is None:
         name = None
@@ -178,12 +193,12 @@ def _probe(
     handles += [m.register_forward_pre_hook(make_pre_hook(n)) for n, m in targets.items() if n]
     try:
         with preserved_state(model, eval_mode=True), torch.enable_grad():
-            embeddings = finite_embeddings(model(probe, *forward_args), probe.shape[0])
+            embeddings = finite_embeddings(run_model(model, probe, forward_args), probe.shape[0])
             if name is not None:
                 return _explicit_layer(model, name, records, seen_output, calls, image_hw)
             direction = torch.randn(embeddings.shape[1], generator=generator)
             score = (F.normalize(embeddings, dim=-1) @ direction.to(embeddings)).sum()
-            return _choose(records, score, image_hw)
+            return _choose(records, score, image_hw, probe)
     finally:
         for handle in handles:
             handle.remove()
@@ -196,11 +211,11 @@ def _skip_in_search(
     input_versions: list[Optional[int]],
     output: Any,
 ) -> bool:
-    if isinstance(module, (nn.Identity, nn.Dropout, nn.Dropout2d)):
+    if _is_kind(module, (nn.Identity, nn.Dropout, nn.Dropout2d)):
         return True
     # Adaptive pooling to a fixed grid only resamples the map before it (torchvision
     # VGG's avgpool turns a 4x4 map of a 128 px image into 7x7); explain the map itself.
-    if isinstance(module, _RESAMPLING_POOLS):
+    if _is_kind(module, _RESAMPLING_POOLS):
         return True
     if name.rsplit(".", 1)[-1] in _SKIPPED_NAMES:
         return True
@@ -213,6 +228,16 @@ def _skip_in_search(
         and (version is None or _tensor_version(x) == version)
         for x, version in zip(inputs, input_versions)
     )
+
+
+def _is_kind(module: nn.Module, types: tuple[type, ...]) -> bool:
+    """``isinstance``, also for the submodules of an unflattened exported program, which
+    are all ``InterpreterModule``s: :mod:`simexplain.apps.exported` records the class each
+    was exported from in :data:`SOURCE_TYPE_ATTRIBUTE`."""
+    if isinstance(module, types):
+        return True
+    source = module.__dict__.get(SOURCE_TYPE_ATTRIBUTE)
+    return source is not None and source in {f"{t.__module__}.{t.__qualname__}" for t in types}
 
 
 def _tensor_version(x: Any) -> Optional[int]:
@@ -256,6 +281,16 @@ def _explicit_layer(
             "input, which is not a spatial feature map (a 1x1 map gives a constant "
             "explanation). Choose an earlier layer, use larger images, or layer=None"
         )
+    try:
+        grid = _spatial_size(last, image_hw)[1:]
+    except LayerError:  # read by a reshape_transform the engine applies later
+        grid = (0, 0)
+    if grid[0] * grid[1] == 1:
+        raise LayerError(
+            f"layer {name!r} gives a 1x1 map for a {image_hw[0]}x{image_hw[1]} input, so "
+            "every map would be one constant value. Use larger images (the layer must see "
+            "at least 2x2 positions), an earlier layer, or layer=None to find one"
+        )
     call_index = -1 if calls[name] == 1 else last.call_index
     return FeatureLayer(name, last.module, last.layout, last.prefix, call_index)
 
@@ -277,7 +312,9 @@ def _spatial_size(record: _Record, image_hw: tuple[int, int]) -> tuple[int, ...]
     return tuple(to_spatial(record.output, layer, image_hw).shape[1:])
 
 
-def _choose(records: list[_Record], score: Tensor, image_hw: tuple[int, int]) -> FeatureLayer:
+def _choose(
+    records: list[_Record], score: Tensor, image_hw: tuple[int, int], probe: Tensor
+) -> FeatureLayer:
     records = [r for r in records if r.output.requires_grad]
     shapes = [_spatial_size(r, image_hw) for r in records]
     keep = [i for i, s in enumerate(shapes) if s[1] * s[2] > 1]
@@ -299,6 +336,14 @@ def _choose(records: list[_Record], score: Tensor, image_hw: tuple[int, int]) ->
     if chosen is None:
         chosen = next((i for i in order if informative[i]), None)
     if chosen is None:
+        if not _depends_on(score, probe):
+            raise LayerError(
+                "the embedding does not depend on the input image: its gradient with "
+                "respect to the image is zero everywhere, so no map can explain it. A head "
+                "initialised at zero does this (torchvision's ViTs keep theirs at zero with "
+                "weights=None): remove the head (e.g. model.heads = nn.Identity(), or "
+                "timm's num_classes=0) or train it first"
+            )
         raise LayerError(
             "no spatial layer's output changes the embedding (all gradients are zero); "
             "pass layer= explicitly"
@@ -307,6 +352,11 @@ def _choose(records: list[_Record], score: Tensor, image_hw: tuple[int, int]) ->
     repeated = sum(r.module is record.module for r in records) > 1
     call_index = record.call_index if repeated else -1
     return FeatureLayer(record.name, record.module, record.layout, record.prefix, call_index)
+
+
+def _depends_on(score: Tensor, probe: Tensor) -> bool:
+    (grad,) = torch.autograd.grad(score, probe, allow_unused=True, retain_graph=True)
+    return grad is not None and bool(grad.abs().amax() > 0)
 
 
 def _patch_gradient_nonzero(

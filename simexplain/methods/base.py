@@ -19,7 +19,9 @@ __all__ = ["METHODS", "SimilarityMethod", "register_method", "get_method", "scor
 METHODS: dict[str, type["SimilarityMethod"]] = {}
 
 #: The engine's options every method passes on (see :class:`~simexplain.engine.SimilarityEngine`).
-ENGINE_OPTIONS = ("layout", "num_prefix_tokens", "reshape_transform", "eval_mode")
+ENGINE_OPTIONS = (
+    "layout", "num_prefix_tokens", "reshape_transform", "eval_mode", "per_image_gradients"
+)
 
 
 def _named_parameters(function: Callable) -> list[str]:

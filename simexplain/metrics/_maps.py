@@ -1,4 +1,5 @@
-"""Maps as the metrics take them, read into one ``(B, T, h, w)`` tensor."""
+"""Maps as the metrics take them, read into one ``(B, T, h, w)`` tensor, and the order in
+which a map ranks its pixels (ties broken in raster order or at random)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ from torch import Tensor
 from ..engine.maps import upsample_maps
 from ..errors import InputError
 
-__all__ = ["MapsLike", "map_batch", "per_map", "at_size", "pixel_order_ranks"]
+__all__ = [
+    "MapsLike", "map_batch", "per_map", "at_size", "pixel_order_ranks", "split_ties",
+    "random_tie_ranks",
+]
 
 #: Maps as a tensor ``(B, T, h, w)``, ``(B, 1, h, w)`` or ``(B, h, w)``, or a sequence of
 #: ``T`` tensors ``(B, 1, h, w)`` (the output of ``EmbeddingAttribution.attribute``).
@@ -60,5 +64,38 @@ def at_size(maps: Tensor, size: Sequence[int]) -> Tensor:
 def pixel_order_ranks(flat_maps: Tensor) -> Tensor:
     """Rank of each value along the last dim, highest first; ties: lower index first."""
     order = flat_maps.sort(dim=-1, descending=True, stable=True).indices
+    positions = torch.arange(flat_maps.shape[-1], device=flat_maps.device)
+    return torch.empty_like(order).scatter_(-1, order, positions.expand_as(order).contiguous())
+
+
+def split_ties(flat_maps: Tensor, counts: Tensor) -> Tensor:
+    """``(S + 1, B)``: whether step ``s`` of map ``b`` depends on how ties are ordered.
+
+    It does when a group of equal values straddles the step's pixel count: the top
+    ``counts[s]`` pixels are then not determined by the values alone.
+    """
+    if flat_maps.shape[-1] < 2:
+        return torch.zeros(
+            counts.numel(), flat_maps.shape[0], dtype=torch.bool, device=flat_maps.device
+        )
+    ordered = flat_maps.sort(dim=-1, descending=True).values
+    inner = (counts > 0) & (counts < flat_maps.shape[-1])
+    cut = counts.clamp(1, flat_maps.shape[-1] - 1)
+    split = ordered[:, cut - 1] == ordered[:, cut]  # (B, S + 1)
+    return (split & inner).t()
+
+
+def random_tie_ranks(flat_maps: Tensor, generator: torch.Generator) -> Tensor:
+    """Ranks of ``(B, P)`` values, highest first, ties in a random order.
+
+    A stable sort by value of the pixels shuffled by random keys: pixels sort by
+    (value descending, key), so only tied pixels are reordered. The keys are drawn on
+    the CPU from ``generator`` (the same on every device), in float64 so that equal keys
+    are practically impossible.
+    """
+    keys = torch.rand(flat_maps.shape, generator=generator, dtype=torch.float64)
+    shuffle = keys.to(flat_maps.device).argsort(dim=-1)
+    shuffled = flat_maps.gather(-1, shuffle)
+    order = shuffle.gather(-1, shuffled.sort(dim=-1, descending=True, stable=True).indices)
     positions = torch.arange(flat_maps.shape[-1], device=flat_maps.device)
     return torch.empty_like(order).scatter_(-1, order, positions.expand_as(order).contiguous())

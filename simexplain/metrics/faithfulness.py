@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -10,11 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..engine.embeddings import finite_embeddings
+from ..engine.embeddings import finite_embeddings, run_model
 from ..engine.inputs import check_tuple_inputs
 from ..engine.state import preserved_state
 from ..errors import InputError
-from ._maps import MapsLike, at_size, map_batch, pixel_order_ranks
+from ._baselines import baseline_images
+from ._maps import MapsLike, at_size, map_batch, pixel_order_ranks, random_tie_ranks, split_ties
 
 __all__ = [
     "DEFAULT_BLUR_SIGMA",
@@ -73,46 +73,14 @@ class PerturbationCurve:
     slots: tuple[int, ...]
 
 
-def _gaussian_blur(images: Tensor, sigma: float) -> Tensor:
-    """Separable Gaussian blur with edge replication (any image size)."""
-    radius = max(1, math.ceil(3 * sigma))
-    offsets = torch.arange(-radius, radius + 1, device=images.device, dtype=images.dtype)
-    kernel = torch.exp(-0.5 * (offsets / sigma).square())
-    kernel = kernel / kernel.sum()
-    channels = images.shape[1]
-    padded = F.pad(images, (radius, radius, radius, radius), mode="replicate")
-    horizontal = kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1)
-    padded = F.conv2d(padded, horizontal, groups=channels)
-    return F.conv2d(padded, kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
-
-
-def _baseline(images: Tensor, baseline: Union[str, float, Tensor], sigma: float) -> Tensor:
-    if isinstance(baseline, str):
-        if baseline == "blur":
-            return _gaussian_blur(images, sigma)
-        if baseline == "mean":
-            return images.mean((-2, -1), keepdim=True).expand_as(images)
-        raise InputError(
-            f"baseline={baseline!r} is not known; use 'blur', 'mean', a number or a tensor "
-            "broadcastable to the images (C, 1, 1), (B, C, H, W), ..."
-        )
-    try:
-        fill = torch.as_tensor(baseline, dtype=images.dtype, device=images.device)
-        return fill.expand_as(images)
-    except (TypeError, ValueError, RuntimeError):
-        raise InputError(
-            f"baseline of shape {tuple(getattr(baseline, 'shape', ()))} does not broadcast to "
-            f"images of shape {tuple(images.shape)}"
-        ) from None
-
-
 def _embed(model: nn.Module, images: Tensor) -> Tensor:
     """L2-normalised embeddings ``(N, d)``."""
     problem = (
         "the model returned NaN or Inf embeddings for perturbed images; check the baseline "
         "values and the model's input range"
     )
-    return F.normalize(finite_embeddings(model(images), images.shape[0], problem), dim=-1)
+    embeddings = finite_embeddings(run_model(model, images), images.shape[0], problem)
+    return F.normalize(embeddings, dim=-1)
 
 
 def _perturbed_embeddings(
@@ -120,23 +88,90 @@ def _perturbed_embeddings(
     images: Tensor,
     base: Tensor,
     ranks: Tensor,
-    counts: Tensor,
+    rows: Tensor,
+    items: Tensor,
+    pixel_counts: Tensor,
     insertion: bool,
     batch_size: int,
 ) -> Tensor:
-    """Embeddings ``(S + 1, B, d)`` of every step's images, in forwards of ``batch_size``."""
-    batch, _, height, width = images.shape
-    total = counts.numel() * batch
+    """Embeddings ``(N, d)`` of ``N`` perturbed images, in forwards of ``batch_size``.
+
+    Image ``k`` is ``images[items[k]]`` with the ``pixel_counts[k]`` pixels of lowest
+    ``ranks[rows[k]]`` perturbed.
+    """
+    _, _, height, width = images.shape
     parts = []
-    for start in range(0, total, batch_size):
-        index = torch.arange(start, min(start + batch_size, total), device=images.device)
-        step, item = index // batch, index % batch
+    for start in range(0, items.numel(), batch_size):
+        index = slice(start, start + batch_size)
+        item = items[index]
         # A pixel is perturbed at a step when its rank is below that step's pixel count.
-        changed = ranks[item] < counts[step, None]
+        changed = ranks[rows[index]] < pixel_counts[index, None]
         keep = changed if insertion else ~changed
         keep = keep.view(-1, 1, height, width)
         parts.append(_embed(model, torch.where(keep, images[item], base[item])))
-    return torch.cat(parts).view(counts.numel(), batch, -1)
+    return torch.cat(parts)
+
+
+def _draw_embeddings(
+    model: nn.Module,
+    images: Tensor,
+    base: Tensor,
+    flat_maps: Tensor,
+    split: Tensor,
+    counts: Tensor,
+    draws: int,
+    generator: torch.Generator,
+    insertion: bool,
+    batch_size: int,
+) -> Tensor:
+    """Embeddings ``(D, S + 1, B, d)`` of every step of ``draws`` pixel orders.
+
+    Draw 0 embeds every (step, image), step by step; the maps with ties that ``split``
+    a step rank their tied pixels at random. Draws ``1 .. D - 1`` re-draw those maps'
+    tie orders and embed again only the split (step, image) pairs: elsewhere the
+    perturbed pixels, hence the embeddings, are the same in every draw.
+    """
+    steps, batch = split.shape
+    device = images.device
+    ranks = pixel_order_ranks(flat_maps)
+    redrawn = split.any(0).nonzero().flatten()
+    if redrawn.numel():
+        ranks[redrawn] = random_tie_ranks(flat_maps[redrawn], generator)
+    grid_steps, grid_items = torch.meshgrid(
+        torch.arange(steps, device=device), torch.arange(batch, device=device), indexing="ij"
+    )
+    rows, items, pixel_counts = (
+        [grid_items.flatten()],
+        [grid_items.flatten()],
+        [counts[grid_steps.flatten()]],
+    )
+    step_index, item_index = split.nonzero(as_tuple=True)
+    slot_of = torch.full((batch,), -1, dtype=torch.long, device=device)
+    slot_of[redrawn] = torch.arange(redrawn.numel(), device=device)
+    all_ranks = [ranks]
+    for draw in range(1, draws):
+        all_ranks.append(random_tie_ranks(flat_maps[redrawn], generator))
+        rows.append(batch + (draw - 1) * redrawn.numel() + slot_of[item_index])
+        items.append(item_index)
+        pixel_counts.append(counts[step_index])
+    embeddings = _perturbed_embeddings(
+        model,
+        images,
+        base,
+        torch.cat(all_ranks),
+        torch.cat(rows),
+        torch.cat(items),
+        torch.cat(pixel_counts),
+        insertion,
+        batch_size,
+    )
+    first = embeddings[: steps * batch].view(steps, batch, -1)
+    out = first.unsqueeze(0).repeat(draws, 1, 1, 1)
+    per_draw = step_index.numel()
+    for draw in range(1, draws):
+        start = steps * batch + (draw - 1) * per_draw
+        out[draw, step_index, item_index] = embeddings[start : start + per_draw]
+    return out
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -186,13 +221,23 @@ def perturbation_curve(
     blur_sigma: float = DEFAULT_BLUR_SIGMA,
     similarity: Optional[Callable[..., Tensor]] = None,
     batch_size: int = 64,
+    ties: str = "random",
+    tie_draws: int = 3,
+    seed: int = 0,
 ) -> PerturbationCurve:
     """Delete or reveal pixels in the order the maps rank them and track the similarity.
 
-    Each image's map is upsampled to the image and its pixels ranked, highest first, ties
-    in row-major order (so an all-zero map perturbs pixels from the top-left, an
-    uninformed order). At step ``s`` of ``steps`` the top ``round(s / steps * H * W)``
-    pixels are perturbed in every channel:
+    Each image's map is upsampled to the image and its pixels ranked, highest first. Tied
+    pixels (the zero region of a ReLU'd map, an all-constant map) are ranked in a random
+    order, and the curve is the mean over ``tie_draws`` such orders, drawn from a
+    generator seeded with ``seed``: so a map that leaves many pixels unranked scores as
+    an uninformed order would on those pixels, not by where they sit in raster order, and
+    its AUC compares with that of a fully ranked (signed) map. Only the steps whose pixel
+    count splits a group of tied values depend on the draw; they alone are embedded again
+    for each draw, and a map without ties is evaluated once, as with a single draw.
+
+    At step ``s`` of ``steps`` the top ``round(s / steps * H * W)`` pixels are perturbed in
+    every channel:
 
     * ``mode="deletion"``: they are replaced by the baseline, starting from the image;
     * ``mode="insertion"``: they are revealed, starting from the baseline.
@@ -219,6 +264,14 @@ def perturbation_curve(
         similarity: a function of the slots' normalised embeddings, each ``(N, d)``,
             returning ``(N,)``; default :func:`tuple_similarity`.
         batch_size: images per forward pass.
+        ties: ``"random"`` (default): tied pixels in a random order, averaged over
+            ``tie_draws`` draws; ``"row-major"``: tied pixels in row-major order, one
+            draw (the earlier behaviour; an all-zero map then perturbs from the top-left
+            corner).
+        tie_draws: number of random tie orders averaged, for maps with ties. Each draw
+            costs the ``steps + 1`` forwards of that image again.
+        seed: seed of the ``torch.Generator`` (on the CPU) that draws the tie orders;
+            the same seed and inputs give the same result.
 
     Returns:
         A :class:`PerturbationCurve`.
@@ -226,8 +279,9 @@ def perturbation_curve(
     >>> model = torch.nn.Flatten()                    # the embedding is the image itself
     >>> x1 = torch.tensor([[[[1.0, 1.0], [0.0, 0.0]]]])
     >>> x2 = torch.tensor([[[[1.0, 1.0], [1.0, 1.0]]]])
-    >>> result = perturbation_curve(model, (x1, x2), torch.ones(1, 2, 2, 2), steps=2,
-    ...                             baseline=0.0, perturb="all")
+    >>> maps = torch.tensor([[4.0, 3.0], [2.0, 1.0]]).expand(1, 2, 2, 2)  # top row first
+    >>> result = perturbation_curve(model, (x1, x2), maps, steps=2, baseline=0.0,
+    ...                             perturb="all")
     >>> result.curves                                 # cos at 0, 2 and 4 deleted pixels
     tensor([[[0.7071, 0.0000, 0.0000]]])
     """
@@ -240,7 +294,10 @@ def perturbation_curve(
             f"maps cover {tuple(grid.shape[:2])} (batch, slots) but the tuples are "
             f"{(images[0].shape[0], len(images))}; pass one map per image of every tuple"
         )
-    _check_positive(steps=steps, batch_size=batch_size)
+    _check_choice("ties", ties, ("random", "row-major"))
+    _check_positive(steps=steps, batch_size=batch_size, tie_draws=tie_draws)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise InputError(f"seed must be an integer, got {seed!r}")
     if not blur_sigma > 0:
         raise InputError(f"blur_sigma must be positive, got {blur_sigma!r}")
     chosen = _check_slots(slots, len(images))
@@ -257,21 +314,35 @@ def perturbation_curve(
     counts = torch.round(fractions * height * width).long().to(device)
     grid = at_size(grid.to(device), (height, width))
     with torch.no_grad():
-        bases = {slot: _baseline(images[slot], baseline, blur_sigma) for slot in chosen}
+        bases = {slot: baseline_images(images[slot], baseline, blur_sigma) for slot in chosen}
+    flat_maps = {slot: grid[:, slot].flatten(1) for slot in chosen}
+    if ties == "random":
+        split = {slot: split_ties(flat_maps[slot], counts) for slot in chosen}
+    else:
+        split = {
+            slot: torch.zeros(steps + 1, batch, dtype=torch.bool, device=device) for slot in chosen
+        }
+    # One draw when no step of any map depends on the tie order (e.g. maps without ties).
+    draws = tie_draws if any(bool(s.any()) for s in split.values()) else 1
+    generator = torch.Generator().manual_seed(seed)
     with preserved_state(model, eval_mode=True), torch.no_grad():
         originals = [_embed(model, x) for x in images]
-        perturbed = {}
-        for slot in chosen:
-            perturbed[slot] = _perturbed_embeddings(
+        perturbed = {
+            slot: _draw_embeddings(
                 model,
                 images[slot],
                 bases[slot],
-                pixel_order_ranks(grid[:, slot].flatten(1)),
+                flat_maps[slot],
+                split[slot],
                 counts,
+                draws,
+                generator,
                 mode == "insertion",
                 batch_size,
             )
-        shape = (steps + 1, batch)
+            for slot in chosen
+        }
+        shape = (draws, steps + 1, batch)
         intact = [f.expand(*shape, -1) for f in originals]
         groups = [[slot] for slot in chosen] if perturb == "each" else [list(chosen)]
         curves = []
@@ -279,7 +350,10 @@ def perturbation_curve(
             slot_embeddings = [
                 perturbed[i] if i in group else intact[i] for i in range(len(intact))
             ]
-            curves.append(_similarity_of(similarity, slot_embeddings, shape).t())
+            values = _similarity_of(similarity, slot_embeddings, shape)
+            # The mean over the draws where the tie order matters, else the one draw.
+            varies = torch.stack([split[i] for i in group]).any(0)
+            curves.append(torch.where(varies, values.mean(0), values[0]).t())
         original = _similarity_of(similarity, originals, (batch,))
     curves = torch.stack(curves, dim=1).float()
     fractions = fractions.to(device=device, dtype=curves.dtype)

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..engine.embeddings import embedding_matrix
+from ..engine.embeddings import embedding_matrix, run_model
 from ..engine.engine import SimilarityEngine
 from ..engine.inputs import as_forward_args, check_tuple_inputs
 from ..engine.layouts import FeatureLayer
@@ -172,6 +172,12 @@ class SAMLoss(nn.Module):
             raise InputError(
                 "reference is for method='psam': embeddings (N, d), images (N, C, H, W) or "
                 "'batch' (the mean of each training batch's normalised embeddings)"
+            )
+        if isinstance(model, nn.DataParallel):
+            raise InputError(
+                "SAMLoss does not train through nn.DataParallel: its replicas would each see "
+                "part of the batch at the hooked layer. Use DistributedDataParallel (one "
+                "process per GPU), or pass model.module to train on one device"
             )
         self.engine = SimilarityEngine(model, layer, eval_mode=False, **layer_options)
         self.method = method
@@ -329,7 +335,8 @@ class SAMLoss(nn.Module):
         self, images: Tensor, args: tuple
     ) -> tuple[Optional[Tensor], Tensor, Optional[FeatureLayer]]:
         if self.gamma == 0:  # no maps needed: a plain training forward
-            return None, embedding_matrix(self.model(images, *args), images.shape[0]), None
+            output = run_model(self.model, images, args)
+            return None, embedding_matrix(output, images.shape[0]), None
         if not torch.is_grad_enabled():
             raise InputError(
                 "SAMLoss with gamma > 0 differentiates the maps, so it needs gradients; it was "
@@ -387,7 +394,7 @@ class SAMLoss(nn.Module):
                                images.shape[-2:], self.relu)
         masked = soft_mask(images[occurrences], maps, self.alpha, self.beta)
         with frozen_norm_statistics(self.model) if self.freeze_norm_statistics else nullcontext():
-            output = self.model(masked, *args)
+            output = run_model(self.model, masked, args)
         masked_embeddings = embedding_matrix(output, masked.shape[0])
         per_slot = masked_embeddings.reshape(len(mining_tuples), -1, masked_embeddings.shape[-1])
         return SimilarityMiningLoss(kind)(*per_slot.unbind(0))

@@ -70,12 +70,16 @@ def occurrence_maps(
     (:func:`mining_directions`). One vector-Jacobian product gives the layer gradient of
     ``v . u`` for every image at once (``v`` held fixed for the map, yet in the graph for
     training), so the occurrences are split into rounds in which each image appears at
-    most once.
+    most once; when the training forward coupled the images (a train-mode batch norm
+    after the layer), every occurrence is a round of its own.
     """
-    sorted_images, order = torch.sort(occurrences, stable=True)
-    first = torch.searchsorted(sorted_images, sorted_images)
-    rank = torch.empty_like(occurrences)
-    rank[order] = torch.arange(len(occurrences), device=occurrences.device) - first
+    if engine.couples_images:  # each occurrence's own gradient (engine.gradients)
+        rank = torch.arange(len(occurrences), device=occurrences.device)
+    else:
+        sorted_images, order = torch.sort(occurrences, stable=True)
+        first = torch.searchsorted(sorted_images, sorted_images)
+        rank = torch.empty_like(occurrences)
+        rank[order] = torch.arange(len(occurrences), device=occurrences.device) - first
     image_hw = (int(image_hw[0]), int(image_hw[1]))
     maps, positions = [], []
     for r in range(int(rank.max()) + 1):

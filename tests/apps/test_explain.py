@@ -9,7 +9,8 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from networks import resnet18
-from simexplain import Explanation, InputError, explain
+from simexplain import EmbeddingAttribution, Explanation, InputError, explain
+from simexplain.engine import image_maps
 
 
 @pytest.fixture(scope="module")
@@ -28,14 +29,22 @@ def model():
 )
 @pytest.mark.parametrize("method", ["psam", "sam"])
 def test_kind_from_labels(model, labels, kind, method):
-    imgs = torch.randn(len(labels), 3, 64, 64)
+    imgs = torch.randn(len(labels), 3, 128, 128, generator=torch.Generator().manual_seed(3))
     exp = explain(model, imgs, labels, method=method)
     count = len(labels)
     assert isinstance(exp, Explanation)
     assert exp.kind == kind and exp.method == method
     assert exp.layer == "layer4"
-    assert exp.raw_maps.shape == (1, count, 2, 2)
-    assert exp.maps.shape == (1, count, 64, 64)
+    assert exp.raw_maps.shape == (1, count, 4, 4)
+    assert exp.maps.shape == (1, count, 128, 128)
+    # the figure's maps are exactly the raw maps upsampled and scaled, and the raw maps
+    # exactly the captum face's for the same tuple
+    torch.testing.assert_close(exp.maps, image_maps(exp.raw_maps, (128, 128)), rtol=0, atol=0)
+    target = None if count > 2 else torch.tensor([labels[0] == labels[1]])
+    direct = EmbeddingAttribution(model, "layer4", method=method).attribute(
+        tuple(imgs[k : k + 1] for k in range(count)), target)
+    torch.testing.assert_close(exp.raw_maps[0], torch.cat(direct, dim=1)[0], rtol=0, atol=0)
+    assert exp.raw_maps.amax() > 0
     assert exp.scores.shape == (1, count)
     assert exp.embeddings.shape == (1, count, 16)
     assert exp.weights is None if method == "psam" else exp.weights.shape == (1, 16)

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from simexplain import EmbeddingAttribution, InputError
 from simexplain.apps.map_store import MapWriter, iter_shards, load_maps, read_manifest
 from simexplain.apps.stream import StreamItem, explain_stream, explain_to_disk, unpack_batch
+from simexplain.engine import TupleResult
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -182,6 +183,28 @@ def test_npz_shards_are_plain_numpy(attr, tmp_path):
         assert shard["maps"].dtype == np.float16 and shard["maps"].shape == (5, 3, 8, 8)
     on_disk = json.loads((tmp_path / "manifest.json").read_text())
     assert on_disk["format"] == "simexplain-maps" and on_disk["version"] == 1
+
+
+@pytest.mark.parametrize("dtype", [None, "float32", "float16"])
+def test_bfloat16_models_and_tensors_go_to_disk(tmp_path, dtype):
+    torch.manual_seed(0)
+    attr = EmbeddingAttribution(TinyNet().eval().bfloat16(), "features")
+    loader = DataLoader(Triplets(3), batch_size=2, collate_fn=lambda b: tuple(
+        torch.stack([item[k] for item in b]).bfloat16() for k in range(3)))
+    manifest = explain_to_disk(attr, loader, tmp_path / "maps", progress=False, dtype=dtype,
+                               fields=("maps", "scores", "embeddings"))
+    loaded = load_maps(tmp_path / "maps")
+    assert manifest["complete"] and loaded["maps"].shape == (3, 3, 8, 8)
+    assert loaded["maps"].dtype == np.dtype(dtype or "float32")
+    assert np.isfinite(loaded["maps"]).all() and np.abs(loaded["maps"]).max() > 0
+    # the writer itself takes bfloat16 tensors, e.g. a user's own results
+    writer = MapWriter(tmp_path / "raw", fields=("maps",), dtype=dtype)
+    values = torch.rand(2, 3, 4, 4).bfloat16()
+    writer.write(TupleResult(values, torch.rand(2, 3).bfloat16(), None,
+                             torch.rand(2, 3, 5).bfloat16(), "triplet", "features"))
+    writer.close()
+    np.testing.assert_array_equal(load_maps(tmp_path / "raw")["maps"],
+                                  values.float().numpy().astype(dtype or "float32"))
 
 
 def test_writer_refuses_an_existing_set_unless_overwrite(attr, tmp_path):

@@ -169,7 +169,7 @@ def test_sensitivity_max_pairs_finite_and_zero_without_perturbation(cnn):
 
 def test_sensitivity_max_triplet_resnet18(resnet):
     attr = EmbeddingAttribution(resnet, "layer4", method="sam")
-    sens = sensitivity_max(attr.attribute, images(3, 2, size=32), n_perturb_samples=2)
+    sens = sensitivity_max(attr.attribute, images(3, 2, size=128), n_perturb_samples=2)
     assert sens.shape == (2,) and torch.isfinite(sens).all()
 
 

@@ -197,7 +197,7 @@ def test_differentiating_through_weights_matches_plain_autograd(resnet):
 
 
 def test_scores_are_w_dot_f(resnet):
-    slots, target = _slots_and_target("same_pair", 2, 32, torch.Generator().manual_seed(6))
+    slots, target = _slots_and_target("same_pair", 2, 128, torch.Generator().manual_seed(6))
     result = EmbeddingAttribution(resnet, "layer4", method="sam").attribute_tuples(slots, target)
     expected = (result.weights.unsqueeze(1) * result.embeddings).sum(-1)
     torch.testing.assert_close(result.scores, expected)
@@ -205,7 +205,7 @@ def test_scores_are_w_dot_f(resnet):
 
 
 def test_mixed_pairs_use_each_pairs_weights(resnet):
-    slots, _ = _slots_and_target("same_pair", 4, 32, torch.Generator().manual_seed(7))
+    slots, _ = _slots_and_target("same_pair", 4, 128, torch.Generator().manual_seed(7))
     flags = torch.tensor([True, False, True, False])
     attribution = EmbeddingAttribution(resnet, "layer4", method="sam")
     mixed = attribution.attribute_tuples(slots, flags)
@@ -217,7 +217,7 @@ def test_mixed_pairs_use_each_pairs_weights(resnet):
 
 
 def test_chunking_does_not_change_maps(resnet):
-    slots, _ = _slots_and_target("quadruplet", 5, 32, torch.Generator().manual_seed(8))
+    slots, _ = _slots_and_target("quadruplet", 5, 128, torch.Generator().manual_seed(8))
     attribution = EmbeddingAttribution(resnet, "layer4", method="sam")
     whole = attribution.attribute(slots, chunk_size=5)
     chunked = attribution.attribute(slots, chunk_size=2)
@@ -226,7 +226,7 @@ def test_chunking_does_not_change_maps(resnet):
 
 
 def test_custom_weight_fn(resnet):
-    slots, _ = _slots_and_target("triplet", 2, 32, torch.Generator().manual_seed(9))
+    slots, _ = _slots_and_target("triplet", 2, 128, torch.Generator().manual_seed(9))
     attribution = EmbeddingAttribution(resnet, "layer4", method="sam")
     custom = attribution.attribute_tuples(slots, weight_fn=triplet_weights)
     builtin = attribution.attribute_tuples(slots)
@@ -237,7 +237,7 @@ def test_custom_weight_fn(resnet):
 
 
 def test_create_graph_gives_differentiable_maps_with_the_same_values(resnet):
-    slots, _ = _slots_and_target("triplet", 2, 32, torch.Generator().manual_seed(10))
+    slots, _ = _slots_and_target("triplet", 2, 128, torch.Generator().manual_seed(10))
     attribution = EmbeddingAttribution(resnet, "layer4", method="sam")
     plain = attribution.attribute(slots)
     graph = attribution.attribute(slots, create_graph=True)

@@ -3,11 +3,13 @@ small size: they run end to end, measure memory in fresh processes and write the
 The figures themselves are not checked: timings on shared machines are noise."""
 
 import importlib
+import os
 import re
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
@@ -66,3 +68,19 @@ def test_bench_explain_quick_writes_all_four_variants(benchmarks, tmp_path):
     assert "skipped" not in row[4:8]
     assert "Equivalence check" in text
     assert out.with_suffix(".json").exists()
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_and_skips_its_gpu_parts_without_a_gpu(tmp_path):
+    import subprocess
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: run benchmarks/gpu_check.sh itself")
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(["bash", str(root / "benchmarks" / "gpu_check.sh")], cwd=root,
+                          env={**os.environ, "SIMEXPLAIN_RESULTS": str(tmp_path)},
+                          capture_output=True, text=True, timeout=600)
+    log = (tmp_path / "gpu_check.log").read_text()
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "skipped" in log and "no CUDA device" in log and "exit status 0" in log
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_check.log"]

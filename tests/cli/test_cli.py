@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import urllib.error
+import warnings
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ import torch
 from PIL import Image
 
 from image_files import sized, write_image
+from networks import conv_net
 from simexplain import explain
 from simexplain.apps.models import load_model
 from simexplain.cli import main
@@ -97,6 +99,43 @@ def test_explain_quadruplet_from_a_state_dict_checkpoint(tmp_path, images, capsy
     assert stdout.startswith("quadruplet explained")
 
 
+def test_explain_an_exported_program_end_to_end(tmp_path, images, capsys):
+    model_file = exported_program(tmp_path / "model.pt2")
+    out = tmp_path / "exported.png"
+    code, stdout, err = run(
+        capsys, "explain", *images[:3], "--model", model_file, *SIZE, "--out", out, "--dpi", 40
+    )
+    assert code == 0, err
+    assert err == ""
+    with Image.open(out) as figure:
+        assert figure.format == "PNG"
+    exp = explain(conv_net(), images[:3], transform=sized().transform)
+    assert exp.layer == "act"
+    expected = ", ".join(f"{r} {float(s):.3g}" for r, s in zip(exp.roles, exp.scores[0]))
+    assert stdout.splitlines()[0] == f"triplet explained at layer 'act': scores {expected}"
+
+
+def test_explain_dir_and_report_on_an_exported_program(tmp_path, retrieval_folders, capsys):
+    queries, gallery = retrieval_folders
+    model = ["--model", exported_program(tmp_path / "model.pt2"), *SIZE, "--batch-size", 3]
+    out = tmp_path / "results"
+    code, stdout, err = run(
+        capsys, "explain-dir", queries, "--gallery", gallery, "--top-k", 2, "--out", out,
+        *model, "--layer", "conv2", "--dpi", 30, "--no-progress",
+    )  # fmt: skip
+    assert code == 0, err
+    assert sorted(os.listdir(out)) == ["matches.csv", "q0.png", "q1.png"]
+    rows = list(csv.DictReader((out / "matches.csv").open()))
+    assert [r["gallery"] for r in rows if r["query"] == "q1.png"][0] == "copy_of_q1.png"
+    report = tmp_path / "report"
+    code, stdout, err = run(
+        capsys, "report", queries, "--gallery", gallery, "--top-k", 2, "--out", report, *model,
+        "--no-progress",
+    )  # fmt: skip
+    assert code == 0, err
+    assert stdout.strip() == f"wrote a report of 2 queries to {report / 'index.html'}"
+
+
 # --------------------------------------------------------------------------- errors
 
 
@@ -119,6 +158,22 @@ def state_dict_of(spec, path):
 
 def whole_pickled_model(path):
     torch.save(torch.nn.Linear(2, 2), path)
+    return str(path)
+
+
+def exported_program(path, size=64, dynamic=True):
+    """conv_net() saved with torch.export for ``size`` px images; returns the path."""
+    shapes = ({0: torch.export.Dim("batch")},) if dynamic else None
+    example = torch.randn(2, 3, size, size)
+    program = torch.export.export(conv_net(), (example,), dynamic_shapes=shapes)
+    torch.export.save(program, str(path))
+    return str(path)
+
+
+def torchscript_archive(path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated
+        torch.jit.trace(conv_net(), torch.randn(2, 3, 64, 64)).save(str(path))
     return str(path)
 
 
@@ -177,6 +232,18 @@ ERROR_CASES = {
                          "--arch", "torchvision:resnet18"],
         ["cannot read checkpoint"],
     ),  # fmt: skip
+    "TorchScript archive": (
+        lambda t, imgs: [*imgs[:3], "--model", torchscript_archive(t / "model.pt")],
+        ["TorchScript archive", "cannot be hooked", "torch.export.export(", "torch.export.save"],
+    ),
+    "exported with a fixed batch size": (
+        lambda t, imgs: [*imgs[:3], "--model", exported_program(t / "m.pt2", dynamic=False)],
+        ["fixed batch size of 2", "dynamic_shapes=({0: torch.export.Dim('batch')},)"],
+    ),
+    "exported for another image size": (
+        lambda t, imgs: [*imgs[:3], "--model", exported_program(t / "m.pt2", size=32)],
+        ["exported for images of 3x32x32", "got 3x64x64", "--size 32"],
+    ),
     "unknown layer": (
         lambda t, imgs: [*imgs[:3], "--model", "torchvision:resnet18", "--layer", "layer9"],
         ["layer9"],

@@ -17,6 +17,7 @@ from simexplain import (
     EmbeddingAttribution,
     InputError,
     LayerError,
+    ModelForwardError,
     ModelOutputError,
     SimExplainError,
     explain,
@@ -553,6 +554,39 @@ def test_no_spurious_error_for_a_model_fine_on_the_given_images():
     assert_unchanged(model, before)
     for a, b in zip(automatic, explicit):
         assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------- the model raises
+
+
+class Picky(nn.Module):
+    """Raises its own error unless the images have one channel."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x, scale=None):
+        if x.shape[1] != 1:
+            raise RuntimeError("Picky wants grey images")
+        out = self.fc(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+        return out if scale is None else out * scale
+
+
+@pytest.mark.parametrize("layer", [None, "conv"])
+def test_an_error_inside_the_model_says_what_was_passed_and_keeps_its_cause(layer):
+    model = unusual(Picky())
+    with raises(model, ModelForwardError,
+                match=r"raised RuntimeError on what simexplain passed it \(a float32 tensor "
+                      r"of shape \(\d+, 3, 16, 16\) on cpu\): Picky wants grey images") as info:
+        EmbeddingAttribution(model, layer).attribute(images(3))
+    assert isinstance(info.value.__cause__, RuntimeError) and isinstance(info.value, InputError)
+    with raises(model, ModelForwardError, match=r"on cpu, then \(2,\) tensor\)"):
+        EmbeddingAttribution(model, "conv").attribute(images(3), additional_forward_args=(
+            torch.ones(2),))
+    grey = tuple(torch.randn(2, 1, 16, 16) for _ in range(3))
+    assert EmbeddingAttribution(model, layer).attribute(grey)[0].shape == (2, 1, 16, 16)
 
 
 # --------------------------------------------------------------------- all-zero maps

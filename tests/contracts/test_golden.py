@@ -10,6 +10,11 @@ float32 rounding only. They differentiate through the maps' own gradient, and th
 reorganisation normalises embeddings with ``torch.nn.functional.normalize``, whose
 backward sums the norm's gradient in another order (measured: at most 3.3e-8 on
 gradients up to 0.13). The losses themselves are bit-identical.
+
+Re-recorded on purpose: ``metrics.deletion`` and ``metrics.insertion``, when the perturbation
+curves started breaking ties in a map at random (seeded) instead of in raster order
+(issue 14); with ``ties="row-major"`` they reproduce the earlier values exactly
+(``tests/metrics/test_faithfulness_ties.py``).
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ from simexplain import (
     EmbeddingAttribution,
     InputError,
     LayerError,
+    ModelForwardError,
     ModelOutputError,
     explain,
 )
@@ -268,8 +269,8 @@ def _nan_embeddings(model):
 
 
 FAILURES = {
-    "forward raises after hooked layer": (_fail_in_forward_cached, RuntimeError),
-    "forward raises while finding the layer": (_fail_in_forward_probe, RuntimeError),
+    "forward raises after hooked layer": (_fail_in_forward_cached, ModelForwardError),
+    "forward raises while finding the layer": (_fail_in_forward_probe, ModelForwardError),
     "nan input": (
         lambda m: EmbeddingAttribution(m, "block", method="sam").attribute(
             (torch.full((2, 3, 16, 16), float("nan")),) + images(2)

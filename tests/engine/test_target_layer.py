@@ -118,3 +118,29 @@ def test_discovery_is_cached_per_input_shape():
     first = resolve_layer(model, None, torch.zeros(1, 3, 32, 32))
     assert resolve_layer(model, None, torch.zeros(4, 3, 32, 32)) is first
     assert resolve_layer(model, None, torch.zeros(1, 3, 64, 64)) is not first
+
+
+def test_an_explicit_layer_with_a_1x1_output_is_refused():
+    from networks import resnet18
+    from model_state import unchanged
+
+    model = resnet18()
+    with unchanged(model), pytest.raises(LayerError, match=r"'layer4' gives a 1x1 map for a "
+                                                         r"32x32 input.*larger images"):
+        EmbeddingAttribution(model, "layer4").attribute(tuple(torch.randn(2, 1, 3, 32, 32)))
+    maps = EmbeddingAttribution(model, "layer4").attribute(tuple(torch.randn(2, 1, 3, 64, 64)))
+    assert maps[0].shape == (1, 1, 2, 2)
+
+
+def test_an_embedding_that_ignores_the_image_gets_its_own_error():
+    """A head at zero (torchvision's ViTs with weights=None): the cause is the head."""
+    torch.manual_seed(0)
+    head = nn.Linear(8, 4)
+    nn.init.zeros_(head.weight)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), head).eval()
+    with pytest.raises(LayerError, match="does not depend on the input image.*remove the head"):
+        EmbeddingAttribution(model).attribute(tuple(torch.randn(2, 1, 3, 16, 16)))
+    nn.init.normal_(head.weight)
+    assert EmbeddingAttribution(model).attribute(tuple(torch.randn(2, 1, 3, 16, 16)))[0].shape \
+        == (1, 1, 16, 16)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from networks import Recorder
 from simexplain import EmbeddingAttribution
 from simexplain.errors import InputError, LayerError, ModelOutputError
 from simexplain.metrics import (
@@ -37,18 +38,6 @@ def cos(u, v):
 def image(values, height=2):
     """A (1, 1, H, W) image from a row-major list of pixel values."""
     return torch.tensor(values, dtype=torch.float32).view(1, 1, height, -1)
-
-
-class Recorder(nn.Module):
-    """The identity embedding (flattened image), remembering every batch it sees."""
-
-    def __init__(self):
-        super().__init__()
-        self.batches = []
-
-    def forward(self, x):
-        self.batches.append(x.clone())
-        return x.flatten(1)
 
 
 def tiny_net(embedding_dim=4):
@@ -200,7 +189,8 @@ def test_localisation_rejects_bad_maps(maps, message):
 
 X1 = [1.0, 2.0, 3.0, 4.0]
 X2 = [1.0, 1.0, 1.0, 1.0]
-# Slot 0 map ranks pixels 1, 2, 3, 0; slot 1's all-zero map deletes in raster order.
+# Slot 0 map ranks pixels 1, 2, 3, 0; slot 1's all-zero map deletes in raster order
+# with ties="row-major".
 PAIR_MAPS = torch.tensor([[[[0.1, 0.9], [0.5, 0.3]], [[0.0, 0.0], [0.0, 0.0]]]])
 
 
@@ -227,7 +217,9 @@ ORDER_1, ORDER_2 = [1, 2, 3, 0], [0, 1, 2, 3]
 
 
 def test_deletion_pair_each_matches_hand_computation():
-    result = deletion_auc(nn.Flatten(), (image(X1), image(X2)), PAIR_MAPS, steps=4, baseline=0.0)
+    result = deletion_auc(
+        nn.Flatten(), (image(X1), image(X2)), PAIR_MAPS, steps=4, baseline=0.0, ties="row-major"
+    )
     slot0 = [cos(deleted(X1, ORDER_1, k), X2) for k in range(5)]
     slot1 = [cos(X1, deleted(X2, ORDER_2, k)) for k in range(5)]
     # Spelled out: [1, 2, 3, 4] -> [1, 0, 3, 4] -> [1, 0, 0, 4] -> [1, 0, 0, 0] -> 0.
@@ -245,7 +237,13 @@ def test_deletion_pair_each_matches_hand_computation():
 
 def test_deletion_all_slots_together_matches_hand_computation():
     result = deletion_auc(
-        nn.Flatten(), (image(X1), image(X2)), PAIR_MAPS, steps=4, baseline=0.0, perturb="all"
+        nn.Flatten(),
+        (image(X1), image(X2)),
+        PAIR_MAPS,
+        steps=4,
+        baseline=0.0,
+        perturb="all",
+        ties="row-major",
     )
     both = [cos(deleted(X1, ORDER_1, k), deleted(X2, ORDER_2, k)) for k in range(5)]
     assert result.curves.shape == (1, 1, 5)
@@ -295,7 +293,15 @@ def test_deletion_order_follows_the_map_with_row_major_ties():
     maps = torch.zeros(1, 2, 2, 3)
     maps[0, 0] = torch.tensor([[1.0, 0.0, 1.0], [0.0, 2.0, 0.0]])
     expected_order = [4, 0, 2, 1, 3, 5]
-    deletion_auc(model, (image(values), image(values)), maps, steps=6, baseline=-1.0, slots=[0])
+    deletion_auc(
+        model,
+        (image(values), image(values)),
+        maps,
+        steps=6,
+        baseline=-1.0,
+        slots=[0],
+        ties="row-major",
+    )
     assert len(model.batches) == 3  # two originals, then every step of slot 0 in one forward
     steps = model.batches[2].flatten(1)
     assert steps.shape == (7, 6)
@@ -308,7 +314,7 @@ def test_many_ties_are_broken_in_row_major_order():
     values = torch.arange(1.0, 1025.0).view(1, 1, 32, 32)
     map_values = torch.randint(0, 3, (32, 32)).float()
     maps = torch.stack([map_values, map_values]).unsqueeze(0)
-    deletion_auc(model, (values, values), maps, steps=4, baseline=-1.0, slots=[1])
+    deletion_auc(model, (values, values), maps, steps=4, baseline=-1.0, slots=[1], ties="row-major")
     flat_map = map_values.flatten().tolist()
     order = sorted(range(1024), key=lambda pixel: (-flat_map[pixel], pixel))
     for count, row in zip((0, 256, 512, 768, 1024), model.batches[2].flatten(1)):
@@ -318,7 +324,15 @@ def test_many_ties_are_broken_in_row_major_order():
 
 def test_fractions_round_pixel_counts():
     model = Recorder()
-    deletion_auc(model, (image(X1), image(X2)), PAIR_MAPS, steps=3, baseline=0.0, slots=[1])
+    deletion_auc(
+        model,
+        (image(X1), image(X2)),
+        PAIR_MAPS,
+        steps=3,
+        baseline=0.0,
+        slots=[1],
+        ties="row-major",
+    )
     removed = (model.batches[2].flatten(1) == 0).sum(1).tolist()
     assert removed == [0, 1, 3, 4]  # round(0, 4/3, 8/3, 4)
 
@@ -332,6 +346,7 @@ def test_all_zero_maps_delete_in_raster_order():
         steps=4,
         baseline=0.0,
         slots=[0],
+        ties="row-major",
     )
     rows = model.batches[2].flatten(1).tolist()
     assert rows == [deleted(X1, [0, 1, 2, 3], k) for k in range(5)]
