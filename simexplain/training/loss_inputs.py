@@ -1,17 +1,23 @@
-"""How :class:`~simexplain.training.SAMLoss` reads what it is given: pairs' same-class
+"""How :class:`~simexplain.training.SAMLoss` reads what it is given: its options, pairs' same-class
 flags, and whether a metric loss is pytorch-metric-learning's."""
 
 from __future__ import annotations
 
+import math
 import sys
 from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
-from ..errors import InputError
+from torch import nn
 
-__all__ = ["pair_flags", "is_pml_loss"]
+from ..errors import InputError
+from .masked_pass import MINING_GRADIENTS
+from .masking import check_mask_parameters
+from .occurrence_maps import MINING_METHODS
+
+__all__ = ["check_options", "pair_flags", "is_pml_loss"]
 
 
 def pair_flags(same_class: Any, slot_labels: Optional[Tensor], batch: int) -> Tensor:
@@ -41,3 +47,43 @@ def is_pml_loss(loss: Any) -> bool:
     # seconds on the first call for users of plain losses.
     module = sys.modules.get("pytorch_metric_learning.losses")
     return module is not None and isinstance(loss, module.BaseMetricLossFunction)
+
+
+def check_options(model: Any, metric_loss: Any, gamma: Any, alpha: Any, beta: Any,
+                  max_mining_tuples: Any, method: Any, reference: Any,
+                  mining_gradient: Any) -> None:
+    """Raise :class:`~simexplain.errors.InputError` for a SAMLoss option that is wrong."""
+    if mining_gradient not in MINING_GRADIENTS:
+        raise InputError(
+            f"mining_gradient must be one of {MINING_GRADIENTS} (what the masked pass "
+            f"trains), got {mining_gradient!r}"
+        )
+    if not isinstance(gamma, (int, float)) or not math.isfinite(gamma) or gamma < 0:
+        raise InputError(
+            f"gamma must be a finite number >= 0 (the weight of the mining term), got {gamma!r}"
+        )
+    check_mask_parameters(alpha, beta)
+    if not callable(metric_loss):
+        raise InputError(f"metric_loss must be callable, got {type(metric_loss).__name__}")
+    if max_mining_tuples is not None and (
+        not isinstance(max_mining_tuples, int) or max_mining_tuples < 1
+    ):
+        raise InputError(f"max_mining_tuples must be a positive int, got {max_mining_tuples!r}")
+    if method not in MINING_METHODS:
+        raise InputError(
+            f"method must be one of {MINING_METHODS} (the maps that drive the mask), "
+            f"got {method!r}"
+        )
+    if (reference is not None and method != "psam") or (
+        isinstance(reference, str) and reference != "batch"
+    ):
+        raise InputError(
+            "reference is for method='psam': embeddings (N, d), images (N, C, H, W) or "
+            "'batch' (the mean of each training batch's normalised embeddings)"
+        )
+    if isinstance(model, nn.DataParallel):
+        raise InputError(
+            "SAMLoss does not train through nn.DataParallel: its replicas would each see "
+            "part of the batch at the hooked layer. Use DistributedDataParallel (one "
+            "process per GPU), or pass model.module to train on one device"
+        )

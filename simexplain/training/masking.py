@@ -11,7 +11,7 @@ from torch import Tensor
 from ..engine.maps import image_maps
 from ..errors import InputError
 
-__all__ = ["soft_mask", "check_mask_parameters"]
+__all__ = ["soft_mask", "kept_fraction", "check_mask_parameters"]
 
 
 def soft_mask(images: Tensor, maps: Tensor, alpha: float = 10.0, beta: float = 0.5) -> Tensor:
@@ -42,9 +42,14 @@ def soft_mask(images: Tensor, maps: Tensor, alpha: float = 10.0, beta: float = 0
             f"soft_mask needs images (N, C, H, W) and one map per image, (N, h, w) or "
             f"(N, 1, h, w); got images {tuple(images.shape)} and maps {tuple(maps.shape)}"
         )
-    scaled = image_maps(maps, (images.shape[-2], images.shape[-1]))
-    keep = 1 - torch.sigmoid(alpha * (scaled - beta))
+    keep = kept_fraction(maps, (images.shape[-2], images.shape[-1]), alpha, beta)
     return images * keep.unsqueeze(1).to(images.dtype)
+
+
+def kept_fraction(maps: Tensor, size: tuple[int, int], alpha: float, beta: float) -> Tensor:
+    """What :func:`soft_mask` keeps of each pixel, ``(N, H, W)`` in (0, 1): maps ``(N, h, w)``
+    upsampled to ``size``, scaled to [0, 1], through ``1 - sigmoid(alpha (M - beta))``."""
+    return 1 - torch.sigmoid(alpha * (image_maps(maps, size) - beta))
 
 
 def check_mask_parameters(alpha: Any, beta: Any) -> None:

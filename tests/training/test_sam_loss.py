@@ -19,6 +19,7 @@ from simexplain.training import (
     SAMLoss,
     SimilarityMiningLoss,
     frozen_norm_statistics,
+    kept_fraction,
     quadruplet_mining_term,
     same_pair_mining_term,
     soft_mask,
@@ -110,14 +111,14 @@ def test_loss_is_metric_plus_gamma_mining(one_thread, count):
 
 
 def spy_on_masks(monkeypatch) -> dict:
-    """Record the maps SAMLoss passes to soft_mask."""
+    """Record the maps SAMLoss masks with."""
     seen = {}
 
-    def spy(images, maps, alpha, beta):
+    def spy(maps, size, alpha, beta):
         seen["maps"] = maps.detach()
-        return soft_mask(images, maps, alpha, beta)
+        return kept_fraction(maps, size, alpha, beta)
 
-    monkeypatch.setattr("simexplain.training.loss.soft_mask", spy)
+    monkeypatch.setattr("simexplain.training.loss.kept_fraction", spy)
     return seen
 
 
@@ -175,9 +176,9 @@ def test_mining_gradient_flows_through_the_maps(one_thread, monkeypatch):
     slots = tuples(3)
     criterion = SAMLoss(model, lambda *f: f[0].sum() * 0, gamma=1.0, layer="3")
     with_maps = param_grads(model, criterion(slots))
-    real = soft_mask
-    monkeypatch.setattr("simexplain.training.loss.soft_mask",
-                        lambda x, m, a, b: real(x, m.detach(), a, b))
+    real = kept_fraction
+    monkeypatch.setattr("simexplain.training.loss.kept_fraction",
+                        lambda m, size, a, b: real(m.detach(), size, a, b))
     without = param_grads(model, criterion(slots))
     assert (with_maps - without).abs().max() > 1e-6
 
@@ -285,9 +286,9 @@ def test_max_mining_tuples_default_bounds_the_masked_pass(one_thread, monkeypatc
     images = torch.randn(12, 3, SIZE, SIZE)
     labels = torch.arange(4).repeat_interleave(3)
     sizes = []
-    real = soft_mask
-    monkeypatch.setattr("simexplain.training.loss.soft_mask",
-                        lambda x, *a: sizes.append(x.shape[0]) or real(x, *a))
+    real = kept_fraction
+    monkeypatch.setattr("simexplain.training.loss.kept_fraction",
+                        lambda m, *a: sizes.append(m.shape[0]) or real(m, *a))
     SAMLoss(model, losses.TripletMarginLoss(), layer="3",
             miner=miners.TripletMarginMiner(margin=10.0))(images, labels)
     assert sizes == [12]  # 4 triplets of 3 images: no more images than the batch

@@ -1,0 +1,59 @@
+"""How reproduce_pretrained keys its stored runs: each arm by the settings it depends on."""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+from _finetune import arm_settings, run_key, with_current_keys  # noqa: E402
+
+SETTINGS = {"size": 96, "steps": 100, "batch": 40, "lr": 1e-4, "frozen_blocks": 5,
+            "gamma": 0.25, "alpha": 10.0, "beta": 0.5, "mining_gradient": "full",
+            "masked_slots": None, "test_limit": 2000}
+
+
+def test_mining_settings_do_not_split_the_baseline():
+    other = {**SETTINGS, "gamma": 0.1, "mining_gradient": "maps", "masked_slots": [1]}
+    for arm in ("untrained", "baseline"):
+        assert run_key("all", "triplet", arm, 0, SETTINGS) == run_key("all", "triplet", arm, 0,
+                                                                      other)
+    for arm in ("sam_default", "sam_paper", "baseline_compute_matched"):
+        assert run_key("all", "triplet", arm, 0, SETTINGS) != run_key("all", "triplet", arm, 0,
+                                                                      other)
+    # the untrained net does not depend on training, the baseline does
+    longer = {**SETTINGS, "steps": 300}
+    assert run_key("all", "-", "untrained", 0, SETTINGS) == run_key("all", "-", "untrained",
+                                                                    0, longer)
+    assert run_key("all", "triplet", "baseline", 0, SETTINGS) != run_key(
+        "all", "triplet", "baseline", 0, longer)
+    assert set(arm_settings("untrained", SETTINGS)) == {"size", "test_limit"}
+
+
+def test_runs_stored_before_settings_were_added_are_re_keyed():
+    old = {k: v for k, v in SETTINGS.items() if k not in ("mining_gradient", "masked_slots")}
+    stored = {json.dumps(["all", "triplet", arm, 1, old], sort_keys=True): {"arm": arm}
+              for arm in ("baseline", "sam_default")}
+    runs = with_current_keys(stored)
+    assert run_key("all", "triplet", "baseline", 1, SETTINGS) in runs
+    assert runs[run_key("all", "triplet", "sam_default", 1, SETTINGS)] == {"arm": "sam_default"}
+
+
+def test_file_protocol_reads_a_benchmark_folder(tmp_path):
+    from PIL import Image
+
+    from _finetune import file_protocol
+
+    for c in range(4):  # CUB's layout: images/<id>.<name>/<file>
+        for j in range(3):
+            path = tmp_path / "images" / f"00{c + 1}.Bird_{c}" / f"{j}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (20 + j, 16), (60 * c, 10 * j, 0)).save(path)
+    protocol = file_protocol("cub200", str(tmp_path), 8, test_limit=4)
+    assert protocol.train_raw.shape == (6, 3, 8, 8) and protocol.train_count == 6
+    assert protocol.train_labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert protocol.test_images.shape == (4, 3, 8, 8)
+    assert set(protocol.test_labels.tolist()) <= {2, 3}
+    assert protocol.train_batch(torch.tensor([0, 5])).shape == (2, 3, 8, 8)
