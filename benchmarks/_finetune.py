@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -217,15 +218,16 @@ def train_arm(arm: str, kind: str, protocol: Protocol, seed: int, steps: int,
         loss.backward()
         optimiser.step()
         schedule.step()
-        for name, value in criterion.last.as_dict().items():
+        step_parts = criterion.last.as_dict()
+        for name, value in step_parts.items():
             parts[name] = parts.get(name, 0.0) + value / steps
-        erased.append(criterion.last.as_dict()["erased_fraction"])
+        erased.append(step_parts["erased_fraction"])
     seconds = time.perf_counter() - start
     net.eval()
     # how much of the masked images the masks erase, early and late: near 1 means the
     # maps have spread over the whole image
-    ends = {"erased_first10": sum(erased[:10]) / max(len(erased[:10]), 1),
-            "erased_last10": sum(erased[-10:]) / max(len(erased[-10:]), 1)}
+    ends = {"erased_first10": statistics.mean(erased[:10] or [0.0]),
+            "erased_last10": statistics.mean(erased[-10:] or [0.0])}
     return net, {"steps": steps, "train_s": seconds, "mean_parts": parts, **ends}
 
 

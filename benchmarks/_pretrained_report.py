@@ -189,18 +189,17 @@ def markdown(table: dict, runs: dict, settings: dict, protocols: list[Protocol],
 
 def other_settings(runs: dict, settings: dict) -> list[str]:
     """A table per other setting tried (from the same runs file): R@1 and paired gains."""
-    tried, current = {}, arm_settings("sam_default", settings)
-    for key in runs:
-        _, kind, arm, _, stored = json.loads(key)
-        if arm in MINING_ARMS and stored != current:
-            tried[json.dumps(stored, sort_keys=True)] = stored
+    current = arm_settings("sam_default", settings)
+    stored = [json.loads(key) for key in runs]
+    tried = {json.dumps(s, sort_keys=True): s for _, _, arm, _, s in stored
+             if arm in MINING_ARMS and s != current}
     if not tried:
         return []
     lines = ["## Other settings tried", ""]
     for other in tried.values():
         changed = ", ".join(f"{k}={other[k]}" for k in other if other[k] != current.get(k))
-        present = {(json.loads(k)[0], json.loads(k)[1]) for k in runs
-                   if json.loads(k)[4] == other and json.loads(k)[2] in MINING_ARMS}
+        present = {(p, kind) for p, kind, arm, _, s in stored
+                   if s == other and arm in MINING_ARMS}
         table = summary(runs, other, sorted({p for p, _ in present}),
                         sorted({k for _, k in present}))
         lines += [f"### {changed}", "", "| protocol | kind | arm | seeds | R@1 | gain vs "
