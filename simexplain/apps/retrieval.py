@@ -9,7 +9,7 @@ its maps show what makes the two images similar to the model. Embedding the imag
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -19,7 +19,9 @@ from ..engine.maps import image_maps
 from ..engine.state import model_device
 from ..engine.target_layer import LayerSpec
 from ..errors import InputError, MissingExtraError
+from ..methods.base import SimilarityMethod, get_method
 from ..methods.defaults import DEFAULT_METHOD
+from .method_runner import build_method, option_names, run_method
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -154,35 +156,51 @@ def explainer(
     layer: LayerSpec = None,
     method: str = DEFAULT_METHOD,
     gallery: Optional[Tensor] = None,
-) -> EmbeddingAttribution:
-    """The attribution that explains retrieved pairs: ``method``'s maps, and for ``"psam"``
-    measured from the mean of the ``gallery``'s embeddings ``(G, d)`` when given (the
-    images a query is told apart from)."""
-    options = {"reference": gallery} if method == "psam" and gallery is not None else {}
-    return EmbeddingAttribution(model, layer, method=method, **options)
+    **method_options: Any,
+) -> SimilarityMethod:
+    """The method that explains retrieved pairs, for :func:`explain_matches`: any name of
+    :data:`~simexplain.methods.METHODS`, built with ``method_options`` (e.g. ``head=`` for
+    ``"bce_gradcam"``). A method that takes a ``reference`` (the default, ``"psam"``) measures its
+    maps from the mean of the ``gallery``'s embeddings ``(G, d)`` when given, the images a
+    query is told apart from. Options the method takes when it runs go to
+    :func:`explain_matches`."""
+    if gallery is not None and "reference" in option_names(get_method(method))[0]:
+        method_options.setdefault("reference", gallery)
+    built, run_options = build_method(method, model, layer, **method_options)
+    if run_options:
+        raise InputError(
+            f"{sorted(run_options)} are options of method {method!r} when it runs; "
+            "pass them to explain_matches"
+        )
+    return built
 
 
 def explain_matches(
-    attribution: EmbeddingAttribution,
+    attribution: Union[EmbeddingAttribution, SimilarityMethod],
     query: Tensor,
     matches: Tensor,
     *,
     names: Sequence[str] = (),
     mean: Optional[Sequence[float]] = None,
     std: Optional[Sequence[float]] = None,
+    **method_options: Any,
 ) -> RetrievalExplanation:
     """Explain why each of ``matches`` is similar to ``query``.
 
     Every (query, match) pair is explained as a same-class pair (``target=True``), so
     both maps show the evidence for similarity. Maps are upsampled to the images and
-    scaled to [0, 1].
+    scaled to [0, 1] (a decomposition's signed maps min-max, see
+    :class:`~simexplain.Explanation`).
 
     Args:
-        attribution: an :class:`EmbeddingAttribution` of the model (reused across
-            queries, so the layer is found once).
+        attribution: an :class:`EmbeddingAttribution` of the model, or a built method of
+            any kind (:func:`explainer`, e.g. a decomposition); reused across queries, so
+            the layer is found once.
         query: ``(C, H, W)`` the preprocessed query.
         matches: ``(k, C, H, W)`` the preprocessed matches.
         names, mean, std: carried into the result for figures.
+        **method_options: the method's options when it runs (e.g. ``selection=`` for
+            ``"sam_contrib"``).
 
     Example:
         >>> import torchvision
@@ -201,9 +219,11 @@ def explain_matches(
     count = matches.shape[0]
     device = model_device(attribution.model) or torch.device("cpu")
     queries = query.unsqueeze(0).expand(count, -1, -1, -1).to(device)
-    result = attribution.attribute_tuples(
-        (queries, matches.to(device)), target=torch.ones(count, dtype=torch.bool)
-    )
+    pairs, same = (queries, matches.to(device)), torch.ones(count, dtype=torch.bool)
+    if isinstance(attribution, EmbeddingAttribution):
+        result = attribution.attribute_tuples(pairs, same, **method_options)
+    else:
+        result = run_method(attribution, pairs, same, **method_options)
     maps = image_maps(result.maps, query.shape[-2:])
     embeddings = result.embeddings.cpu()
     return RetrievalExplanation(

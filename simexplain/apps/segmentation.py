@@ -26,10 +26,16 @@ from ..engine.maps import image_maps, scale_maps
 from ..engine.state import model_device
 from ..engine.target_layer import LayerSpec
 from ..errors import InputError, MissingExtraError
-from ..methods.base import get_method
-from ..methods.defaults import DEFAULT_METHOD
+from .method_runner import build_method, run_method
+
+#: Segmentation's maps: the sensitivity reading, what in the test image would make it more
+#: like the support. The contribution reading (the library's default) also counts what
+#: every image puts into a cosine of non-negative features, the background included, so
+#: from the origin its map covers the whole image (docs/method.rst).
+SEGMENTATION_METHOD = "gradcam_cosine"
 
 __all__ = [
+    "SEGMENTATION_METHOD",
     "SegmentationResult",
     "binary_iou",
     "grabcut_mask",
@@ -63,7 +69,7 @@ class SegmentationResult:
     note: str
     similarity: Tensor
     layer: str
-    method: str = DEFAULT_METHOD
+    method: str = SEGMENTATION_METHOD
 
 
 def binary_iou(prediction: Tensor, target: Tensor) -> Tensor:
@@ -147,13 +153,17 @@ def similarity_cue(
     *,
     layer: LayerSpec = None,
     input_size: Optional[tuple[int, int]] = None,
-    method: str = DEFAULT_METHOD,
+    method: str = SEGMENTATION_METHOD,
+    **method_options: Any,
 ) -> tuple[Tensor, Tensor, Tensor, str]:
     """The test image's similarity maps against each support, at the test image's size.
 
     Pairs ``(test, support_i)`` are explained as same-class pairs; with negatives, triplets
     ``(test, support_i, negative_i)`` (one negative is shared by all supports). ``method``
-    names the explanation method (default partner-aware SAM; the paper used ``"sam"``).
+    names the explanation method, any of :data:`~simexplain.methods.METHODS` (default
+    :data:`SEGMENTATION_METHOD`; the paper used ``"sam"``), with ``method_options`` as for
+    :func:`~simexplain.explain`; the maps keep the positive evidence (ReLU), also a
+    decomposition's.
 
     Returns:
         ``(maps, raw_peaks, similarity, layer)``: maps ``(k, H, W)`` each scaled to
@@ -184,8 +194,8 @@ def similarity_cue(
         slots.append(negative_batch.expand(k, -1, -1, -1))
     slots = [s.to(device=device, dtype=test.dtype).contiguous() for s in slots]
     target = torch.ones(k, dtype=torch.bool) if negatives is None else None
-    explainer = get_method(method).build(model, layer)
-    result = explainer.engine.attribute(tuple(slots), explainer.checked_score(target))
+    explainer, run_options = build_method(method, model, layer, **method_options)
+    result = run_method(explainer, tuple(slots), target, relu=True, **run_options)
     raw = result.maps[:, 0]  # the test image's map in every tuple, (k, h, w), ReLU'd
     peaks = raw.flatten(1).amax(dim=1).clamp_min(0)
     maps = image_maps(raw, (height, width))
@@ -286,7 +296,8 @@ def segment(
         **cue_options: ``layer`` (the spatial layer to explain, found automatically when
             ``None``), ``input_size`` (``(H, W)`` to resize every image to for the
             model; by default supports and negatives are resized to the test image's
-            size) and ``method``, as for :func:`similarity_cue`.
+            size), ``method`` and the method's options (e.g. ``head=`` for
+            ``"bce_gradcam"``), as for :func:`similarity_cue`.
 
     Returns:
         A :class:`SegmentationResult`. The mask is empty (``mask_method == "empty"``) when the
@@ -320,7 +331,7 @@ def segment(
     maps, peaks, similarity, layer_name = similarity_cue(
         model, test_image, supports, negatives, **cue_options
     )
-    made = cue_options.get("method", DEFAULT_METHOD)
+    made = cue_options.get("method", SEGMENTATION_METHOD)
     cue = scale_maps(maps.mean(dim=0))
     empty = torch.zeros(cue.shape, dtype=torch.bool, device=cue.device)
     if not bool((peaks > 0).any()):

@@ -12,6 +12,8 @@
     maps = load_maps("maps/")                       # {"index": (N,), "maps": (N, T, h, w), ...}
 
 or, when nothing needs to be done per batch, ``explain_to_disk(attr, loader, "maps/")``.
+Any built method streams the same way, a decomposition too:
+``explain_stream(get_method("stylianou").build(model), loader)``.
 
 Memory stays bounded however long the stream: each loader batch is explained in chunks
 of ``chunk_size`` tuples (one forward pass each, no graph kept), the generator drops its
@@ -47,7 +49,9 @@ from ..attribution.embedding_attribution import EmbeddingAttribution
 from ..engine.engine import TupleResult
 from ..engine.state import model_device
 from ..errors import InputError
+from ..methods.base import SimilarityMethod
 from .map_store import MapWriter, read_manifest
+from .method_runner import run_method
 
 __all__ = ["StreamItem", "explain_stream", "explain_to_disk", "unpack_batch"]
 
@@ -78,7 +82,7 @@ class StreamItem:
 
 
 def explain_stream(
-    attribution: EmbeddingAttribution,
+    attribution: Union[EmbeddingAttribution, SimilarityMethod],
     loader: Iterable[Any],
     *,
     writer: Optional["MapWriter"] = None,
@@ -88,7 +92,7 @@ def explain_stream(
     target: Any = None,
     chunk_size: Optional[int] = None,
     additional_forward_args: Any = None,
-    relu_attributions: bool = True,
+    relu_attributions: Optional[bool] = None,
     device: Union[None, str, torch.device] = "auto",
     to_cpu: bool = True,
     **score_options: Any,
@@ -96,7 +100,9 @@ def explain_stream(
     """Explain every tuple ``loader`` yields, one batch at a time; yield each batch's results.
 
     Args:
-        attribution: the :class:`~simexplain.EmbeddingAttribution` to run.
+        attribution: the :class:`~simexplain.EmbeddingAttribution` to run, or a built
+            method of any kind (e.g. ``get_method("stylianou").build(model)``, a
+            decomposition: its scores are each map's sum, see :func:`~simexplain.explain`).
         loader: any iterable of batches, typically a ``torch.utils.data.DataLoader``;
             see the module docstring for the batch layouts understood.
         writer: a :class:`MapWriter`; each batch's results are written before they are
@@ -109,24 +115,30 @@ def explain_stream(
             every pair is same-class); batch targets take precedence.
         chunk_size: tuples per forward pass; each loader batch is split into forward
             passes of at most that many tuples (default: see
-            :func:`~simexplain.engine.default_chunk_size`).
+            :func:`~simexplain.engine.default_chunk_size`). A decomposition runs each
+            loader batch in one pass.
         additional_forward_args: as for :meth:`EmbeddingAttribution.attribute`.
-        relu_attributions: as for :meth:`EmbeddingAttribution.attribute`.
+        relu_attributions: keep only positive evidence; ``None``: the method's own
+            choice (ReLU for GradCAM-style methods, signed maps for decompositions).
         device: where to move the images: ``"auto"`` (the model's device), ``None`` (leave
             them where the loader put them) or a device.
         to_cpu: move each result to the CPU before yielding it, so results kept by the
             caller do not hold accelerator memory.
-        **score_options: the attribution's method's options (e.g. ``weight_fn`` for
-            ``"sam"``), as for :meth:`EmbeddingAttribution.attribute_tuples`.
+        **score_options: the method's options when it runs (e.g. ``weight_fn`` for
+            ``"sam"``, ``coefficients`` for a cosine method or a decomposition), as for
+            :meth:`EmbeddingAttribution.attribute_tuples`.
 
     Yields:
         :class:`StreamItem` per loader batch, as soon as it is computed. The generator
         holds no reference to earlier batches (images or results) and drops the current
         batch's images before yielding; memory is bounded by one batch and one shard.
     """
-    if not isinstance(attribution, EmbeddingAttribution):
+    if isinstance(attribution, EmbeddingAttribution):
+        attribution = attribution.method
+    if not isinstance(attribution, SimilarityMethod):
         raise TypeError(
-            f"attribution must be an EmbeddingAttribution, got {type(attribution).__name__}"
+            "attribution must be an EmbeddingAttribution or a built method (e.g. "
+            f"get_method(name).build(model)), got {type(attribution).__name__}"
         )
     return _stream(
         attribution,
@@ -136,8 +148,7 @@ def explain_stream(
         total=_stream_total(loader) if total is None else int(total),
         unpack=unpack or unpack_batch,
         default_target=target,
-        options=dict(chunk_size=chunk_size, relu_attributions=relu_attributions,
-                     **score_options),
+        options=dict(chunk_size=chunk_size, relu=relu_attributions, **score_options),
         args=additional_forward_args,
         device=model_device(attribution.model) if device == "auto" else device,
         to_cpu=to_cpu,
@@ -145,7 +156,7 @@ def explain_stream(
 
 
 def _stream(
-    attribution: EmbeddingAttribution,
+    method: SimilarityMethod,
     loader: Iterable[Any],
     *,
     writer: Optional["MapWriter"],
@@ -170,10 +181,11 @@ def _stream(
             slots, batch_target = unpack(batch)
             del batch  # references to the batch end here: only ``slots`` stays, until below
             slots = tuple(_to_device(s, device) for s in slots)
-            result = attribution.attribute_tuples(
+            result = run_method(
+                method,
                 slots,
                 default_target if batch_target is None else batch_target,
-                args,
+                forward_args=args,
                 **options,
             )
             count = int(slots[0].shape[0])
@@ -201,7 +213,7 @@ def _stream(
 
 
 def explain_to_disk(
-    attribution: EmbeddingAttribution,
+    attribution: Union[EmbeddingAttribution, SimilarityMethod],
     loader: Iterable[Any],
     path: PathLike,
     *,

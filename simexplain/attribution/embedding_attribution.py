@@ -38,8 +38,8 @@ class EmbeddingAttribution(LayerAttribution, GradientAttribution):
         method: the explanation method, a name of the registry with a per-image score
             (:func:`~simexplain.methods.score_methods`; default
             :data:`~simexplain.methods.DEFAULT_METHOD`), or a method built already.
-        **options: the method's own (``reference=`` for ``"psam"``, ``head=`` for
-            ``"bce_gradcam"``) and the engine's, as for
+        **options: the method's own (``reference=`` for ``"contribution"`` and
+            ``"psam"``, ``head=`` for ``"bce_gradcam"``) and the engine's, as for
             :class:`~simexplain.engine.SimilarityEngine`: how to read the layer's output
             where the model's metadata does not tell (``layout``, ``num_prefix_tokens``,
             ``reshape_transform``) and ``eval_mode`` (default ``True``; ``False`` keeps
@@ -82,7 +82,10 @@ class EmbeddingAttribution(LayerAttribution, GradientAttribution):
             if not cls.has_score():
                 raise InputError(
                     f"method {method!r} is not GradCAM of a per-image score; "
-                    f"EmbeddingAttribution runs one of {score_methods()}"
+                    f"EmbeddingAttribution runs one of {score_methods()}. Run {method!r} "
+                    f"with explain(model, images, labels, method={method!r}), or build it, "
+                    f"get_method({method!r}).build(model), and pass it to explain_stream, "
+                    "explain_matches, or call its explain(tuples)"
                 )
             built = cls.build(model, layer, **options)
         self.method = built
@@ -158,8 +161,9 @@ class EmbeddingAttribution(LayerAttribution, GradientAttribution):
                 :func:`~simexplain.engine.default_chunk_size`.
             **score_options: the method's, e.g. for ``"sam"`` ``weight_fn`` (another
                 criterion, see :mod:`simexplain.methods.criteria`) and ``detach_weights``
-                (``False`` also differentiates through ``w``); for ``"psam"`` and
-                ``"gradcam_cosine"`` ``coefficients``.
+                (``False`` also differentiates through ``w``); for the cosine
+                family (``"contribution"``, ``"psam"``, ``"gradcam_cosine"``)
+                ``coefficients``.
         """
         result = self.engine.attribute(
             inputs,

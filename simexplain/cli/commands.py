@@ -53,6 +53,32 @@ def _device(name: str):
     return device
 
 
+def _check_method(args: argparse.Namespace, given: Sequence[str] = ()) -> None:
+    """Refuse a method that needs an input the command line cannot give (before loading)."""
+    from ..apps.method_runner import check_inputs_given
+
+    check_inputs_given(
+        args.method, given, "the command line cannot give it: call simexplain.explain or "
+        "simexplain.explain_matches from Python with it, or choose another --method"
+    )
+
+
+def _method_options(args: argparse.Namespace) -> dict:
+    """``explain``'s method options from the command line: ``--point``."""
+    from ..apps.method_runner import option_names
+    from ..methods.base import METHODS
+
+    if args.point is None:
+        return {}
+    if "point" not in option_names(METHODS[args.method])[1]:
+        takers = sorted(n for n, cls in METHODS.items() if "point" in option_names(cls)[1])
+        raise InputError(
+            f"--point is for --method {' or '.join(takers)}; --method {args.method} takes "
+            "no point"
+        )
+    return {"point": tuple(args.point)}
+
+
 def _load(args: argparse.Namespace):
     """The model (in eval mode, on the device) and its preprocessing."""
     from ..apps.models import load_model
@@ -98,10 +124,12 @@ def explain_command(args: argparse.Namespace) -> int:
             f"got {len(args.labels)} label(s) for {len(args.images)} images; give one per image"
         )
     _check_figure_format(Path(args.out).suffix or ".png")
+    options = _method_options(args)
+    _check_method(args, options)
     images = [load_image(path) for path in args.images]  # fails before the model loads
     model, _, transform = _load(args)
     exp = explain(model, images, labels=args.labels, layer=args.layer, transform=transform,
-                  method=args.method)
+                  method=args.method, **options)
     scores = ", ".join(f"{role} {float(s):.3g}" for role, s in zip(exp.roles, exp.scores[0]))
     print(f"{exp.kind.replace('_', ' ')} explained at layer {exp.layer!r}: scores {scores}")
     out = Path(args.out)
@@ -138,6 +166,7 @@ def explain_dir_command(args: argparse.Namespace) -> int:
     from ..viz.figures import save_figure
 
     _check_retrieval_options(args)
+    _check_method(args)
     file_format = _check_figure_format(args.format)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -193,6 +222,7 @@ def report_command(args: argparse.Namespace) -> int:
     from ..data.image_files import list_labelled_images
 
     _check_retrieval_options(args)
+    _check_method(args)
     out = Path(args.out)
     check_report_destination(out)
     if not Path(args.gallery).is_dir():

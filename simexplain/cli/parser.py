@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..methods.base import score_methods
+from ..methods.base import METHODS
 from ..methods.defaults import DEFAULT_METHOD
 
 __all__ = ["PROG", "UsageError", "build_parser"]
@@ -54,10 +54,12 @@ def _model_options() -> argparse.ArgumentParser:
     group.add_argument(
         "--method",
         default=DEFAULT_METHOD,
-        choices=score_methods(standalone=True),
+        choices=sorted(METHODS),
         help=f"explanation method (default {DEFAULT_METHOD}: partner-aware SAM, which "
         "shows what in each image matches the other; sam is the paper's formula, whose "
-        "maps barely depend on the partner)",
+        "maps barely depend on the partner; stylianou and point_specific decompose the "
+        "cosine of globally average pooled models; bce_gradcam needs a trained pair "
+        "classifier, which only Python can give)",
     )
     group.add_argument(
         "--size",
@@ -121,6 +123,15 @@ def _add_explain(commands: Any, model_options: argparse.ArgumentParser) -> None:
         type=int,
         metavar="LABEL",
         help="a class label per image; needed for pairs (0 0: same class, 0 1: different)",
+    )
+    explain.add_argument(
+        "--point",
+        nargs=2,
+        type=int,
+        metavar=("Y", "X"),
+        help="--method point_specific, pairs: a point of the first image, in pixels of the "
+        "model's input (after --size or the model's preprocessing); the second image's "
+        "map shows where it matches that point",
     )
     explain.add_argument("--out", default="simexplain.png", help="figure file (.png, .pdf, .svg)")
     explain.add_argument("--dpi", type=int, default=150, help="figure resolution (default 150)")

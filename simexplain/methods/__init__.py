@@ -13,11 +13,12 @@ class and a small :class:`SimilarityMethod` that hands it to :meth:`~SimilarityM
 ==================  ==========================================================  ==========
 name                what a map shows                                            tuples
 ==================  ==========================================================  ==========
-``psam``            GradCAM of ``w_i . z_i``, ``w_i`` the partners' embeddings  2, 3, 4
-                    (partner-aware SAM, the default: :data:`DEFAULT_METHOD`)
+``contribution``    what each location puts into ``w_i . z_i``, ``w_i`` the     2, 3, 4
+                    partners' embeddings (the default: :data:`DEFAULT_METHOD`)
+``psam``            how ``w_i . z_i`` would change, measured from a reference   2, 3, 4
 ``sam``             GradCAM of ``w . f_i`` (Zheng et al., the paper's SAM)      2, 3, 4
 ``sam_rescaled``    paper SAM with its differences rescaled to [0, 1]           2, 3, 4
-``sam_contrib``     the criterion's supporting dimensions, partners fixed       2, 3, 4
+``sam_contrib``     contribution on the criterion's supporting dimensions       2, 3, 4
 ``gradcam_cosine``  GradCAM of the tuple's cosine criterion, others held fixed  2, 3, 4
 ``stylianou``       each location's share of the cosine (Stylianou et al.)      2, 3, 4
 ``point_specific``  point-to-point similarity (Zhu et al. 2021)                 2 (3, 4)
@@ -33,11 +34,16 @@ name                what a map shows                                            
 torch.Size([1, 2, 2, 2])
 """
 
-from . import base, cosine, decomposition, defaults, pair_classifier, psam, sam, sam_variants
+from . import (
+    base, centre, contribution, cosine, decomposition, defaults, pair_classifier, psam, sam,
+    sam_variants,
+)
 from .base import *  # noqa: F403
 from .defaults import *  # noqa: F403
 from .sam import *  # noqa: F403
+from .centre import *  # noqa: F403
 from .psam import *  # noqa: F403
+from .contribution import *  # noqa: F403
 from .sam_variants import *  # noqa: F403
 from .cosine import *  # noqa: F403
 from .decomposition import *  # noqa: F403
@@ -47,7 +53,9 @@ __all__ = [
     *base.__all__,
     *defaults.__all__,
     *sam.__all__,
+    *centre.__all__,
     *psam.__all__,
+    *contribution.__all__,
     *sam_variants.__all__,
     *cosine.__all__,
     *decomposition.__all__,

@@ -24,7 +24,7 @@ ENGINE_OPTIONS = (
 )
 
 
-def _named_parameters(function: Callable) -> list[str]:
+def named_parameters(function: Callable) -> list[str]:
     kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     return [n for n, p in inspect.signature(function).parameters.items() if p.kind in kinds]
 
@@ -53,16 +53,16 @@ def score_methods(standalone: bool = False) -> list[str]:
     """The registered methods that are GradCAM of a per-image score; with ``standalone``,
     only those that need nothing but the model and layer (e.g. not a trained head).
 
-    >>> "psam" in score_methods(standalone=True), "bce_gradcam" in score_methods(True)
+    >>> "contribution" in score_methods(standalone=True), "psam" in score_methods(True)
     (True, False)
     """
     return sorted(
         name for name, cls in METHODS.items()
-        if cls.has_score() and not (standalone and _required_options(cls))
+        if cls.has_score() and not (standalone and required_options(cls))
     )
 
 
-def _required_options(cls: type["SimilarityMethod"]) -> list[str]:
+def required_options(cls: type["SimilarityMethod"]) -> list[str]:
     parameters = list(inspect.signature(cls.__init__).parameters.values())[1:]
     return [p.name for p in parameters if p.default is inspect.Parameter.empty
             and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
@@ -134,20 +134,20 @@ class SimilarityMethod:
     @classmethod
     def build(cls, model: nn.Module, layer: LayerSpec = None, **options: Any) -> "SimilarityMethod":
         """The method for ``model``, with a clear error for options it does not take."""
-        named = set(_named_parameters(cls.__init__)) - {"self", "model", "layer"}
-        _check_options(cls.name, "options", named | set(ENGINE_OPTIONS), options)
-        missing = [n for n in _required_options(cls) if n not in options and n != "layer"]
+        named = set(named_parameters(cls.__init__)) - {"self", "model", "layer"}
+        check_method_options(cls.name, "options", named | set(ENGINE_OPTIONS), options)
+        missing = [n for n in required_options(cls) if n not in options and n != "layer"]
         if missing:
             raise InputError(
                 f"method {cls.name!r} needs {', '.join(f'{n}=' for n in missing)}; pass it "
                 f"with the method's other options (methods that need nothing more: "
                 f"{score_methods(standalone=True)})"
             )
-        return cls(model, layer, **options)
+        return cls(model, layer=layer, **options)
 
     def checked_score(self, target: Any = None, **options: Any) -> SimilarityScore:
         """:meth:`score`, with a clear error for options it does not take."""
-        _check_options(self.name, "score options", _named_parameters(self.score)[1:], options)
+        check_method_options(self.name, "score options", named_parameters(self.score)[1:], options)
         return self.score(target, **options)
 
     def gradcam(
@@ -208,7 +208,7 @@ class SimilarityMethod:
         return check_tuple_inputs(tuples)
 
 
-def _check_options(name: str, what: str, accepted: Any, given: dict) -> None:
+def check_method_options(name: str, what: str, accepted: Any, given: dict) -> None:
     unknown = sorted(set(given) - set(accepted))
     if unknown:
         raise InputError(

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..engine.score import Scores, SimilarityScore
@@ -20,7 +19,10 @@ from ..engine.tuples import check_target, tuple_kind
 from ..errors import InputError
 from .base import SimilarityMethod, TensorTuple, register_method
 
-__all__ = ["cosine_coefficients", "check_coefficients", "CosineScore", "GradCAMCosine"]
+__all__ = [
+    "cosine_coefficients", "check_coefficients", "unit_directions", "CosineScore",
+    "GradCAMCosine",
+]
 
 
 def cosine_coefficients(num_slots: int) -> Tensor:
@@ -74,6 +76,13 @@ class CosineScore(SimilarityScore):
             ``None``: every pair explains its similarity.
         centre: ``(d,)`` a point of the unit sphere's neighbourhood to measure from, e.g.
             the mean normalised embedding of a reference set; ``None`` for none.
+        norms_fixed: hold the norms of the normalisations fixed (the *contribution*
+            reading): the score is then linear in image ``i``'s embedding, its gradient
+            is the partners' direction itself, and the map shows what each location
+            puts into the score. ``False`` (the *sensitivity* reading) differentiates
+            through the normalisation, whose gradient is the partners' component
+            orthogonal to ``z_i``: what would make the tuple more similar, zero for an
+            identical pair (docs/method.rst). The values are the same either way.
 
     >>> import torch
     >>> f = torch.tensor([[[1.0, 0.0]], [[0.6, 0.8]]])          # a pair, (T, B, d)
@@ -81,11 +90,20 @@ class CosineScore(SimilarityScore):
     tensor([[0.6000, 0.6000]])
     >>> CosineScore(target=False).bind(2, 1)(f).values
     tensor([[-0.6000, -0.6000]])
+    >>> g = f.clone().requires_grad_()
+    >>> CosineScore().bind(2, 1)(g).values[0, 0].backward()
+    >>> g.grad[0]                                     # sensitivity: orthogonal to f1
+    tensor([[0.0000, 0.8000]])
+    >>> g.grad = None
+    >>> CosineScore(norms_fixed=True).bind(2, 1)(g).values[0, 0].backward()
+    >>> g.grad[0]                                     # contribution: the partner itself
+    tensor([[0.6000, 0.8000]])
     """
 
     coefficients: Any = None
     target: Any = None
     centre: Optional[Tensor] = None
+    norms_fixed: bool = False
     matrix: Optional[Tensor] = dataclasses.field(default=None, repr=False)
     sign: Optional[Tensor] = dataclasses.field(default=None, repr=False)
 
@@ -104,19 +122,38 @@ class CosineScore(SimilarityScore):
         return tuple_kind(num_slots, None if self.sign is None else self.sign > 0, False)
 
     def __call__(self, embeddings: Tensor) -> Scores:
-        normalized = F.normalize(embeddings, dim=-1)
-        if self.centre is not None:
-            if self.centre.shape != embeddings.shape[-1:]:
-                raise InputError(
-                    f"the reference has {self.centre.shape[-1]}-d embeddings but the model "
-                    f"gives {embeddings.shape[-1]}-d ones; embed the reference with this model"
-                )
-            normalized = F.normalize(normalized - self.centre.to(normalized), dim=-1)
+        normalized = unit_directions(embeddings, self.centre, self.norms_fixed)
         cosines = torch.einsum("ibd,jbd->ijb", normalized, normalized.detach())
         targets = (self.matrix.to(cosines)[:, :, None] * cosines).sum(dim=1)  # (T, B)
         if self.sign is not None:
             targets = targets * self.sign.to(targets)
         return Scores(targets.t())
+
+
+def unit_directions(
+    embeddings: Tensor, centre: Optional[Tensor] = None, norms_fixed: bool = False
+) -> Tensor:
+    """``z``: the embeddings normalised, minus ``centre`` and normalised again when one is
+    given; with ``norms_fixed`` the norms divide as constants (no gradient through them),
+    so ``z`` is linear in the embedding and equal in value.
+
+    >>> import torch
+    >>> unit_directions(torch.tensor([[3.0, 4.0]]), centre=torch.tensor([0.6, 0.0]))
+    tensor([[0., 1.]])
+    """
+    def scale(x: Tensor) -> Tensor:
+        norm = x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        return x / (norm.detach() if norms_fixed else norm)
+
+    unit = scale(embeddings)
+    if centre is None:
+        return unit
+    if centre.shape != embeddings.shape[-1:]:
+        raise InputError(
+            f"the reference has {centre.shape[-1]}-d embeddings but the model gives "
+            f"{embeddings.shape[-1]}-d ones; embed the reference with this model"
+        )
+    return scale(unit - centre.to(unit))
 
 
 @register_method

@@ -15,7 +15,8 @@ from torch import Tensor, nn
 
 from ..engine.target_layer import LayerSpec, get_layer
 from ..errors import InputError, LayerError
-from .base import SimilarityMethod, TensorTuple, register_method
+from .base import TensorTuple, register_method
+from .centre import CentredMethod
 from .cosine import check_coefficients
 
 __all__ = ["Stylianou", "PointSpecific"]
@@ -24,7 +25,7 @@ HeadSpec = Union[str, None, nn.Module]
 
 
 @register_method
-class Stylianou(SimilarityMethod):
+class Stylianou(CentredMethod):
     """Similarity decomposition of Stylianou et al. 2019 for global-average-pooled models.
 
     The model must compute ``f = W mean_{u,v} A[:, u, v] + b`` from the layer's output
@@ -36,7 +37,13 @@ class Stylianou(SimilarityMethod):
 
     which sums over ``(u, v)`` to exactly ``cos(f_i, f_j)``. Tuples combine these with
     :func:`~simexplain.methods.cosine.cosine_coefficients`, so image ``i``'s map sums to
-    its cosine target (maps are signed; no ReLU).
+    its cosine target (maps are signed; no ReLU). With a ``reference``, every embedding
+    is measured from its mean ``m`` (``z = normalise(f / |f| - m)``, as for
+    :class:`~simexplain.methods.Contribution`): location ``(u, v)``'s share of ``z_i`` is
+    ``(e_i(u, v) / |f_i| - m) / |f_i / |f_i| - m|``, and the maps sum to the centred
+    cosine targets. These maps are ``contribution``'s GradCAM maps made exact: for such
+    a model, ``contribution`` with ``relu=False`` gives the same maps less a constant per
+    image (the head's bias and the centre), and it explains any head.
 
     Args:
         model: the embedding model.
@@ -47,6 +54,8 @@ class Stylianou(SimilarityMethod):
             module) or none; or pass an
             ``nn.Linear``, its dotted name, or ``None``. The choice is checked on every
             call: the embedding must equal ``head(mean(A))``, else :class:`LayerError`.
+        reference: optional embeddings ``(N, d)`` or images ``(N, C, H, W)`` to measure
+            the embeddings from (see above); ``None``: from the origin.
     """
 
     name = "stylianou"
@@ -57,9 +66,10 @@ class Stylianou(SimilarityMethod):
         model: nn.Module,
         layer: LayerSpec = None,
         head: HeadSpec = "auto",
+        reference: Optional[Tensor] = None,
         **layer_options: Any,
     ) -> None:
-        super().__init__(model, layer, **layer_options)
+        super().__init__(model, layer, reference, **layer_options)
         if isinstance(head, str) and head != "auto":
             head = get_layer(model, head)
         if head is not None and not isinstance(head, (str, nn.Linear, nn.Identity)):
@@ -125,7 +135,25 @@ class Stylianou(SimilarityMethod):
         slots = self.checked_tuples(tuples)
         matrix = check_coefficients(coefficients, len(slots))
         shares, embeddings = self.location_embeddings(slots)
+        shares, embeddings = self.centred_shares(shares, embeddings)
         return _decomposed_maps(shares, embeddings, matrix.to(shares))
+
+    def centred_shares(self, shares: Tensor, embeddings: Tensor) -> tuple[Tensor, Tensor]:
+        """Location shares ``(T, B, d, h, w)`` and embeddings ``(T, B, d)`` measured from
+        the centre, as unit embeddings ``z`` (with their shares) when there is one, else
+        unchanged (the formulas above divide by the norms)."""
+        if self.centre is None:
+            return shares, embeddings
+        norms = embeddings.norm(dim=-1).clamp_min(1e-12)[..., None]  # (T, B, 1)
+        centre = self.centre.to(embeddings)
+        if centre.shape != embeddings.shape[-1:]:
+            raise InputError(
+                f"the reference has {centre.shape[-1]}-d embeddings but the model gives "
+                f"{embeddings.shape[-1]}-d ones; embed the reference with this model"
+            )
+        lengths = (embeddings / norms - centre).norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        located = (shares / norms[..., None, None] - centre[:, None, None])
+        return located / lengths[..., None, None], (embeddings / norms - centre) / lengths
 
 
 def _decomposed_maps(shares: Tensor, embeddings: Tensor, coefficients: Tensor) -> Tensor:
@@ -194,7 +222,7 @@ class PointSpecific(Stylianou):
         slots = self.checked_tuples(tuples)
         if len(slots) != 2:
             raise InputError(f"point_to_point explains pairs; got {len(slots)} image batches")
-        shares, embeddings = self.location_embeddings(slots)
+        shares, embeddings = self.centred_shares(*self.location_embeddings(slots))
         h, w = shares.shape[-2:]
         norms = embeddings.norm(dim=-1).clamp_min(1e-12)
         scale = (h * w) ** 2 * norms[0] * norms[1]

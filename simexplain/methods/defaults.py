@@ -1,13 +1,17 @@
 """The method every entry point uses when none is named, chosen by measurement.
 
-``benchmarks/discriminative.py`` explains two-object scenes of real photos under an
-ImageNet-pretrained backbone, with pooled and signed embeddings, each also rotated; the
-method whose maps find the object that matches the partner most often, and never move
-under a rotation of the embedding, is the default (``benchmarks/results/
-discriminative.md`` has the table). Paper SAM stays available as ``"sam"``.
+Three benchmarks on an ImageNet-pretrained backbone with real photos, pooled and signed
+embeddings: similar pairs (``benchmarks/similar_pairs.py``: identical pairs, mirror
+images, near-duplicates), two-object scenes (``benchmarks/discriminative.py``: does the
+map find the object that matches the partner, does it agree with the model's own
+counterfactual, does it move under a rotation of the embedding) and deletion/insertion.
+The contribution reading is the only one whose maps are right on similar pairs, and it
+stays rotation-invariant; ``benchmarks/results/`` has the tables, docs/method.rst the
+choice. Paper SAM stays available as ``"sam"``.
 """
 
 __all__ = ["DEFAULT_METHOD"]
 
-#: The default explanation method: partner-aware SAM (:class:`~simexplain.methods.PartnerSAM`).
-DEFAULT_METHOD = "psam"
+#: The default explanation method: each image's contribution to the tuple's similarity
+#: (:class:`~simexplain.methods.Contribution`).
+DEFAULT_METHOD = "contribution"

@@ -7,8 +7,8 @@ default; docs/method.rst and ``benchmarks/results/discriminative.md`` compare th
 * ``sam_contrib``: the criterion split over dimensions, ``c_k = 1/2 sum_ij C_ij z_ik z_jk``
   (pair: ``z1_k z2_k``; triplet: ``za_k (zp_k - zn_k)``), keeping the dimensions that
   support it (``c_k > 0``, or weighted by ``max(c_k, 0)``), and scoring image ``i`` by
-  its part of the criterion on them, partners fixed. Keeping every dimension gives
-  GradCAM of the cosine exactly.
+  its contribution to the criterion on them, partners and norms fixed. Keeping every
+  dimension gives ``contribution`` exactly.
 
 Both weigh coordinates one by one, so their maps change when the embedding space is
 rotated (no distance does).
@@ -20,41 +20,41 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..engine.score import Scores
 from ..errors import InputError
 from .base import SimilarityMethod, TensorTuple, register_method
-from .cosine import CosineScore
+from .centre import CentredMethod
+from .cosine import CosineScore, unit_directions
 from .sam import SAMScore
 
-__all__ = ["ContributionScore", "SAMRescaled", "SAMContributions"]
+__all__ = ["SupportingDimensionsScore", "SAMRescaled", "SAMContributions"]
 
 SELECTIONS = ("hard", "soft")
 
 
 @dataclass(frozen=True)
-class ContributionScore(CosineScore):
-    """``s_i = sum_k m_k z_ik (sum_j c_ij z_jk)`` with partners and ``m`` held fixed; ``m``
-    keeps the dimensions whose contribution to the criterion is positive (``"hard"``)
-    or weighs them by it (``"soft"``, ``max(c_k, 0) / max_k c_k``).
+class SupportingDimensionsScore(CosineScore):
+    """``s_i = sum_k m_k z_ik (sum_j c_ij z_jk)`` with partners, norms and ``m`` held
+    fixed; ``m`` keeps the dimensions whose contribution to the criterion is positive
+    (``"hard"``) or weighs them by it (``"soft"``, ``max(c_k, 0) / max_k c_k``).
 
     >>> import torch
     >>> f = torch.tensor([[[1.0, 1.0, 0.0]], [[1.0, -1.0, 0.0]]])   # a pair, (T, B, d)
-    >>> ContributionScore().bind(2, 1)(f).values                  # only dimension 0 agrees
+    >>> SupportingDimensionsScore().bind(2, 1)(f).values          # only dimension 0 agrees
     tensor([[0.5000, 0.5000]])
     """
 
     selection: str = "hard"
 
-    def bind(self, num_slots: int, batch: int) -> "ContributionScore":
+    def bind(self, num_slots: int, batch: int) -> "SupportingDimensionsScore":
         if self.selection not in SELECTIONS:
             raise InputError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
         return super().bind(num_slots, batch)
 
     def __call__(self, embeddings: Tensor) -> Scores:
-        unit = F.normalize(embeddings, dim=-1)
+        unit = unit_directions(embeddings, self.centre, norms_fixed=True)
         coefficients = self.matrix.to(unit)[:, :, None]  # (T, T, 1)
         if self.sign is not None:
             coefficients = coefficients * self.sign.to(unit)  # (T, T, B)
@@ -95,9 +95,10 @@ class SAMRescaled(SimilarityMethod):
 
 
 @register_method
-class SAMContributions(SimilarityMethod):
-    """The criterion's supporting dimensions, each image scored by its part of them
-    (:class:`ContributionScore`).
+class SAMContributions(CentredMethod):
+    """The criterion's supporting dimensions, each image scored by its contribution to
+    them (:class:`SupportingDimensionsScore`); ``reference=`` as for
+    :class:`~simexplain.methods.Contribution`.
 
     ``explain(tuples, same_class=None, selection="hard", coefficients=None, relu=True)``.
     """
@@ -106,8 +107,8 @@ class SAMContributions(SimilarityMethod):
 
     def score(
         self, target: Any = None, coefficients: Optional[Any] = None, selection: str = "hard"
-    ) -> ContributionScore:
-        return ContributionScore(coefficients, target, selection=selection)
+    ) -> SupportingDimensionsScore:
+        return SupportingDimensionsScore(coefficients, target, self.centre, selection=selection)
 
     def explain(
         self,

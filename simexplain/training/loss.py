@@ -40,7 +40,7 @@ from ..engine.target_layer import LayerSpec
 from ..engine.tuples import check_index_tuples, check_labels
 from ..errors import InputError
 from ..methods.defaults import DEFAULT_METHOD
-from ..methods.psam import reference_centre
+from ..methods.centre import reference_centre
 from .loss_inputs import check_options, is_pml_loss, pair_flags
 from .masked_pass import check_masked_slots, masked_embeddings, slot_embeddings, slots_to_mask
 from .masking import kept_fraction
@@ -111,11 +111,11 @@ class SAMLoss(nn.Module):
             tuple size, so the masked pass is no larger than the training pass; for
             tuples of images the default is all of them.
         relu: apply ReLU to the maps before masking (GradCAM's choice).
-        method: which maps drive the mask: ``"psam"`` (partner-aware SAM, the default),
-            ``"gradcam_cosine"`` or ``"sam"`` (the paper's).
-        reference: ``method="psam"`` only: the reference its maps are measured from,
-            embeddings ``(N, d)`` or images ``(N, C, H, W)``
-            (:func:`~simexplain.methods.psam.reference_centre`), or ``"batch"``, the mean
+        method: which maps drive the mask: ``"contribution"`` (the default),
+            ``"psam"``, ``"gradcam_cosine"`` or ``"sam"`` (the paper's).
+        reference: ``"contribution"`` and ``"psam"``: the reference their maps are
+            measured from, embeddings ``(N, d)`` or images ``(N, C, H, W)``
+            (:func:`~simexplain.methods.reference_centre`), or ``"batch"``, the mean
             normalised embedding of each training batch; ``None`` for none.
         freeze_norm_statistics: keep BatchNorm running statistics unchanged during the
             masked forward pass (see the module docs).
@@ -184,7 +184,7 @@ class SAMLoss(nn.Module):
         return self.engine.model
 
     def _centre(self, normalized: Tensor) -> Optional[Tensor]:
-        """psam's reference point for this step: none, the batch's, or the reference's."""
+        """The reference point for this step: none, the batch's, or the reference's."""
         if self.reference is None:
             return None
         if isinstance(self.reference, str):
@@ -378,9 +378,8 @@ class SAMLoss(nn.Module):
         args: tuple,
     ) -> tuple[Tensor, Tensor]:
         """The mining term and the mean fraction the masks erased (detached)."""
-        normalized = F.normalize(embeddings, dim=-1)
-        units, vectors = mining_directions(self.method, normalized, mining_tuples, kind,
-                                           self._centre(normalized))
+        centre = self._centre(F.normalize(embeddings, dim=-1))
+        units, vectors = mining_directions(self.method, embeddings, mining_tuples, kind, centre)
         slots = slots_to_mask(self.masked_slots, len(mining_tuples), kind)
         count = mining_tuples[0].numel()
         if len(slots) < len(mining_tuples):  # vectors are slot-major

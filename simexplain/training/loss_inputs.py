@@ -74,12 +74,12 @@ def check_options(model: Any, metric_loss: Any, gamma: Any, alpha: Any, beta: An
             f"method must be one of {MINING_METHODS} (the maps that drive the mask), "
             f"got {method!r}"
         )
-    if (reference is not None and method != "psam") or (
+    if (reference is not None and method not in ("contribution", "psam")) or (
         isinstance(reference, str) and reference != "batch"
     ):
         raise InputError(
-            "reference is for method='psam': embeddings (N, d), images (N, C, H, W) or "
-            "'batch' (the mean of each training batch's normalised embeddings)"
+            "reference is for method='contribution' or 'psam': embeddings (N, d), images "
+            "(N, C, H, W) or 'batch' (the mean of each training batch's normalised embeddings)"
         )
     if isinstance(model, nn.DataParallel):
         raise InputError(

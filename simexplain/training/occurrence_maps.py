@@ -4,8 +4,9 @@ An image of the batch can stand in several tuples, each with its own weight vect
 map is computed once per (tuple, slot) occurrence, from the training forward pass itself.
 Every method the mining term supports scores image ``i`` of a tuple as ``v_i . u_i``, with
 ``u`` the (normalised, maybe centred) embedding and ``v_i`` a vector from the tuple: paper
-SAM's ``w`` for every slot, or partner-aware SAM's ``sum_j c_ij u_j``
-(:func:`mining_directions`).
+SAM's ``w`` for every slot, or the cosine family's ``sum_j c_ij u_j``
+(:func:`mining_directions`); for ``contribution`` ``u`` is the raw embedding and ``v_i``
+carries the norms.
 """
 
 from __future__ import annotations
@@ -19,39 +20,51 @@ from torch import Tensor
 from ..engine.engine import SimilarityEngine
 from ..engine.layouts import FeatureLayer
 from ..errors import InputError
-from ..methods.cosine import cosine_coefficients
+from ..methods.cosine import cosine_coefficients, unit_directions
 from ..methods.criteria import weights_for_kind
 
 __all__ = ["MINING_METHODS", "mining_directions", "occurrence_maps"]
 
 #: The explanation methods whose maps can drive the mining mask.
-MINING_METHODS = ("psam", "gradcam_cosine", "sam")
+MINING_METHODS = ("contribution", "psam", "gradcam_cosine", "sam")
 
 
 def mining_directions(
     method: str,
-    normalized: Tensor,
+    embeddings: Tensor,
     mining_tuples: Sequence[Tensor],
     kind: str,
     centre: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """``(u, v)``: what each occurrence's score differentiates, ``u`` ``(N, d)`` over the
     batch, and its vector ``v`` ``(len(occurrences), d)``, slot-major (every tuple's first
-    image, then every second image, ...). ``v`` stays in the graph, so the training
-    gradient is that of the loss itself; the maps hold it fixed."""
+    image, then every second image, ...) from the batch's raw ``embeddings``. ``v`` stays
+    in the graph, so the training gradient is that of the loss itself; the maps hold it
+    fixed."""
     if method == "sam":
+        normalized = F.normalize(embeddings, dim=-1)
         weights = weights_for_kind(kind)(*[normalized[t] for t in mining_tuples])
         return normalized, weights.repeat(len(mining_tuples), 1)
     if method not in MINING_METHODS:
         raise InputError(f"method must be one of {MINING_METHODS}, got {method!r}")
-    units = normalized
-    if method == "psam" and centre is not None:
-        units = F.normalize(normalized - centre.to(normalized), dim=-1)
+    if method == "gradcam_cosine":
+        centre = None
+    units = unit_directions(embeddings, centre)
     slots = [units[t] for t in mining_tuples]
     coefficients = cosine_coefficients(len(slots)).to(units)
     partners = [sum(coefficients[k, j] * slots[j] for j in range(len(slots)) if j != k)
                 for k in range(len(slots))]
-    return units, torch.cat(partners)
+    if method != "contribution":
+        return units, torch.cat(partners)
+    # The contribution reading's gradient is v / (|f| |f_hat - m|) applied to f itself:
+    # the norms scale v (in the graph, so training sees their true gradient) instead of
+    # being held fixed inside u.
+    lengths = embeddings.norm(dim=-1).clamp_min(1e-12)
+    if centre is not None:
+        unit = F.normalize(embeddings, dim=-1)
+        lengths = lengths * (unit - centre.to(unit)).norm(dim=-1).clamp_min(1e-12)
+    scale = torch.cat([lengths[t] for t in mining_tuples])[:, None]
+    return embeddings, torch.cat(partners) / scale
 
 
 def occurrence_maps(

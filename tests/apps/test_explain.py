@@ -9,6 +9,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from networks import resnet18
+from simexplain.methods import DEFAULT_METHOD
 from simexplain import EmbeddingAttribution, Explanation, InputError, explain
 from simexplain.engine import image_maps
 
@@ -27,10 +28,15 @@ def model():
         ([5, 5, 1, 2], "quadruplet"),
     ],
 )
-@pytest.mark.parametrize("method", ["psam", "sam"])
+@pytest.mark.parametrize("method", [DEFAULT_METHOD, "sam"])
 def test_kind_from_labels(model, labels, kind, method):
     imgs = torch.randn(len(labels), 3, 128, 128, generator=torch.Generator().manual_seed(3))
-    exp = explain(model, imgs, labels, method=method)
+    # From the origin, every location of a ReLU network's pooled features adds to a
+    # pair's cosine, so nothing in them works against it: the default's maps of a
+    # different-class pair are blank there. Measured from a reference they are not.
+    others = torch.randn(4, 3, 128, 128, generator=torch.Generator().manual_seed(4))
+    options = {"reference": others} if method == DEFAULT_METHOD else {}
+    exp = explain(model, imgs, labels, method=method, **options)
     count = len(labels)
     assert isinstance(exp, Explanation)
     assert exp.kind == kind and exp.method == method
@@ -41,13 +47,13 @@ def test_kind_from_labels(model, labels, kind, method):
     # exactly the captum face's for the same tuple
     torch.testing.assert_close(exp.maps, image_maps(exp.raw_maps, (128, 128)), rtol=0, atol=0)
     target = None if count > 2 else torch.tensor([labels[0] == labels[1]])
-    direct = EmbeddingAttribution(model, "layer4", method=method).attribute(
+    direct = EmbeddingAttribution(model, "layer4", method=method, **options).attribute(
         tuple(imgs[k : k + 1] for k in range(count)), target)
     torch.testing.assert_close(exp.raw_maps[0], torch.cat(direct, dim=1)[0], rtol=0, atol=0)
     assert exp.raw_maps.amax() > 0
     assert exp.scores.shape == (1, count)
     assert exp.embeddings.shape == (1, count, 16)
-    assert exp.weights is None if method == "psam" else exp.weights.shape == (1, 16)
+    assert exp.weights is None if method == DEFAULT_METHOD else exp.weights.shape == (1, 16)
     assert float(exp.maps.min()) >= 0 and float(exp.maps.max()) <= 1
     assert torch.isfinite(exp.maps).all()
     assert len(exp.roles) == count

@@ -7,10 +7,11 @@ import torchvision
 from PIL import Image
 
 from image_files import sized
-from simexplain import EmbeddingAttribution
+from networks import gap_model
+from simexplain import EmbeddingAttribution, InputError
 from simexplain.apps.gallery import embed_images
 from simexplain.apps.models import load_model
-from simexplain.apps.retrieval import explain_matches, rank_gallery
+from simexplain.apps.retrieval import explain_matches, explainer, rank_gallery
 from simexplain.data import list_images
 from simexplain.engine import image_maps
 
@@ -62,3 +63,29 @@ def test_explain_matches_equals_the_pair_attribution():
     figure = result.plot(query_title="q")
     titles = [ax.get_title() for ax in figure.axes if ax.get_images()]
     assert titles[:3] == ["q", "q vs #1", "q vs #2"] and titles[3].startswith("#1 a\ncos = ")
+
+
+def test_explain_matches_with_a_decomposition():
+    torch.manual_seed(0)
+    model = gap_model(head=True).eval()
+    query, matches = torch.randn(3, 8, 8).double(), torch.randn(2, 3, 8, 8).double()
+    method = explainer(model, method="stylianou")
+    result = explain_matches(method, query, matches)
+    own = method.explain((query.expand(2, -1, -1, -1), matches))  # signed, sums to the cosine
+    expected = image_maps(own, (8, 8))
+    torch.testing.assert_close(result.query_maps, expected[:, 0], rtol=0, atol=0)
+    torch.testing.assert_close(result.gallery_maps, expected[:, 1], rtol=0, atol=0)
+    torch.testing.assert_close(result.similarities, own[:, 1].sum(dim=(-2, -1)))
+
+
+def test_explainer_takes_the_gallery_as_reference_and_the_method_options():
+    model = gap_model(head=True).eval()
+    gallery = F.normalize(torch.randn(5, 4).double(), dim=-1)
+    assert explainer(model, method="psam", gallery=gallery).reference is gallery
+    assert explainer(model, method="sam", gallery=gallery).name == "sam"  # takes none
+    head = torch.nn.Linear(5, 4).double()
+    assert explainer(model, method="stylianou", head=head).head is head
+    with pytest.raises(InputError, match=r"'bce_gradcam' needs head=, a trained .*train_pair_h"):
+        explainer(model, method="bce_gradcam")
+    with pytest.raises(InputError, match=r"\['selection'\] .* pass them to explain_matches"):
+        explainer(model, method="sam_contrib", selection="soft")

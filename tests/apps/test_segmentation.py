@@ -18,6 +18,7 @@ from torch import nn
 from simexplain.demo import SmallEmbeddingNet
 from simexplain.errors import InputError
 from simexplain.apps.segmentation import (
+    SEGMENTATION_METHOD,
     MissingExtraError,
     binary_iou,
     grabcut_mask,
@@ -81,10 +82,22 @@ def test_the_cue_is_the_object_shared_with_the_support():
     test = image(a=A_BOX, b=B_BOX)
     support, negative = image(a=(4, 10, 4, 10)), image(b=(4, 10, 4, 10))
     pair = segment(model, test, support, layer="0", mask="threshold")
-    assert pair.method == "psam"
+    assert pair.method == SEGMENTATION_METHOD
     assert torch.equal(pair.mask, box_mask(A_BOX))
     triplet = segment(model, test, support, negative, layer="0", mask="grabcut")
     assert torch.equal(triplet.mask, box_mask(A_BOX))
+
+
+def test_a_decomposition_gives_the_cue_in_closed_form():
+    model = toy_model()
+    test, support = image(a=A_BOX), image(a=(4, 10, 4, 10))
+    with unchanged(model):
+        result = segment(model, test, support, layer="0", mask="threshold", method="stylianou")
+    # e_test(u, v) . f_support with f_support = (area, 0, 1): the object on a constant
+    area = 36 / SIDE**2
+    expected = (box_mask(A_BOX).float() * area + 1) / (area + 1)
+    assert result.method == "stylianou"
+    torch.testing.assert_close(result.map, expected)
 
 
 def test_paper_sam_rewards_the_other_object_too_unless_it_is_a_negative():

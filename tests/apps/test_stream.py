@@ -13,10 +13,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from simexplain import EmbeddingAttribution, InputError
+from simexplain import EmbeddingAttribution, InputError, explain
 from simexplain.apps.map_store import MapWriter, iter_shards, load_maps, read_manifest
 from simexplain.apps.stream import StreamItem, explain_stream, explain_to_disk, unpack_batch
 from simexplain.engine import TupleResult
+from simexplain.methods import get_method
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -136,8 +137,22 @@ def test_default_target_and_custom_unpack(attr):
 
 
 def test_wrong_attribution_type():
-    with pytest.raises(TypeError, match="EmbeddingAttribution"):
+    with pytest.raises(TypeError, match="EmbeddingAttribution or a built method"):
         explain_stream(TinyNet(), [])
+
+
+def test_a_decomposition_streams_like_explain():
+    method = get_method("stylianou").build(TinyNet().eval(), "features")
+    data = Triplets(6, slots=2, with_target=True)
+    items = run(method, DataLoader(data, batch_size=4))
+    same = torch.tensor([bool(i % 2) for i in range(6)])
+    labels = torch.stack([torch.zeros(6), (~same).float()], dim=1).long()
+    exp = explain(method.model, torch.stack(all_slots(data), dim=1), labels, layer="features",
+                  method="stylianou")
+    torch.testing.assert_close(cat(items, "maps"), exp.raw_maps)  # signed, as explain's
+    torch.testing.assert_close(cat(items, "scores"), exp.scores)
+    torch.testing.assert_close(cat(items, "embeddings"), exp.embeddings)
+    torch.testing.assert_close(cat(items, "scores"), cat(items, "maps").sum(dim=(-2, -1)))
 
 
 # ----------------------------------------------------------------------------- writing

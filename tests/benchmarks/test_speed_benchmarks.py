@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
+
+from simexplain.methods import DEFAULT_METHOD, score_methods
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
@@ -28,6 +31,66 @@ def table_rows(text: str, first_cell: str) -> list[list[str]]:
         for line in text.splitlines()
         if line.startswith(f"| {first_cell} |")
     ]
+
+
+def tiny_embedding_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(8, 16),
+    ).eval()
+
+
+@pytest.fixture
+def tiny_setup(benchmarks):
+    bench = importlib.import_module("bench_explain")
+    return bench, bench.Setup(tiny_embedding_net(), 2, 16, 0, torch.device("cpu"))
+
+
+def test_the_check_covers_the_default_and_paper_sam(benchmarks):
+    bench = importlib.import_module("bench_explain")
+    assert bench.CHECKED_METHODS == tuple(dict.fromkeys((DEFAULT_METHOD, "sam")))
+    assert bench.MAP_RTOL["cpu"] == 1e-4
+
+
+@pytest.mark.parametrize("method", score_methods(standalone=True))
+def test_peers_compute_the_score_of_the_method_they_are_checked_against(tiny_setup, method):
+    # captum's and pytorch-grad-cam's targets come from the method's own score object, so
+    # every score method (the default whichever it is, and paper SAM) agrees with them
+    bench, setup = tiny_setup
+    check = bench.check_equivalence(setup.with_method(method))
+    assert check["method"] == check["peer_method"] == method
+    assert check["zero_maps"] < check["maps"] == 6
+    assert check["rtol"] == 1e-4
+    assert check["captum_max_rel_diff"] <= 1e-4
+    assert check["gradcam_max_rel_diff"] <= 1e-4
+    assert check["gradcam_scaled_max_abs_diff"] < 1e-4
+
+
+@pytest.mark.parametrize("method, peer_method", [(DEFAULT_METHOD, "sam"), ("sam", DEFAULT_METHOD)])
+def test_the_check_fails_when_the_peers_compute_another_score(tiny_setup, method, peer_method):
+    bench, setup = tiny_setup
+    with pytest.raises(bench.EquivalenceError, match=r"captum .* pytorch-grad-cam"):
+        bench.check_equivalence(setup.with_method(method), peers=setup.with_method(peer_method))
+
+
+def test_a_disagreement_fails_the_run_before_anything_is_written(tiny_setup, tmp_path,
+                                                                  monkeypatch, capsys):
+    bench, _ = tiny_setup
+    monkeypatch.setattr(bench, "build_model", lambda name, seed: tiny_embedding_net())
+    argv = ["--models", "resnet50", "--batches", "1", "--size", "16", "--repeats", "1",
+            "--no-memory", "--out", str(tmp_path / "explain.md")]
+    assert bench.main(argv) == 0  # the real check passes, for both methods
+    text = (tmp_path / "explain.md").read_text()
+    assert table_rows(text, "resnet50")[0][2] == f"`{DEFAULT_METHOD}`"
+
+    check = bench.check_equivalence
+    monkeypatch.setattr(bench, "check_equivalence",
+                        lambda setup: check(setup, peers=setup.with_method("sam")))
+    out = tmp_path / "mismatch.md"
+    assert bench.main([*argv[:-1], str(out)]) == 1
+    assert "FAILED equivalence check" in capsys.readouterr().err
+    assert not out.exists() and not out.with_suffix(".json").exists()
 
 
 def test_default_chunk_sweep_halves_the_batch(benchmarks):
@@ -65,8 +128,11 @@ def test_bench_explain_quick_writes_all_four_variants(benchmarks, tmp_path):
     text = out.read_text()
     (row,) = table_rows(text, "resnet50")[:1]
     assert row[1] == "`layer4`"
-    assert "skipped" not in row[4:8]
+    assert row[2] == f"`{bench.DEFAULT_METHOD}`"
+    assert "skipped" not in row[5:9]
     assert "Equivalence check" in text
+    for method in bench.CHECKED_METHODS:
+        assert f"- resnet50: `{method}` (peers compute `{method}`'s score)" in text
     assert out.with_suffix(".json").exists()
 
 

@@ -18,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+from command_line import assert_one_line_error, run
 from image_files import sized, write_image
 from networks import conv_net
 from simexplain import explain
@@ -32,22 +33,6 @@ SIZE = ["--size", "64"]
 @pytest.fixture
 def images(tmp_path):
     return [write_image(tmp_path / f"img{i}.png", i) for i in range(4)]
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code, err, *fragments):
-    assert code != 0
-    lines = err.splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("simexplain: error: "), err
-    assert "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 # --------------------------------------------------------------------------- explain

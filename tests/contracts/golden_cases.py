@@ -72,7 +72,7 @@ def _attribution_cases(out: dict) -> None:
     record("attr.resnet18", resnet_attr.attribute_tuples(images(3, 2, 128, 5)))
 
 
-def _explain_cases(out: dict) -> None:
+def _record_explain(out: dict, prefix: str, seed: int, fields: tuple, **options) -> None:
     from simexplain import explain
 
     net = conv_net()
@@ -82,10 +82,15 @@ def _explain_cases(out: dict) -> None:
         ("triplet", 3, [1, 1, 2]),
         ("quadruplet", 4, [1, 1, 2, 3]),
     ):
-        batch = torch.stack(images(count, 2, seed=10 + count), dim=1)
-        exp = explain(net, batch, labels, method="sam")
-        for field in ("maps", "raw_maps", "scores", "weights", "embeddings"):
-            out[f"explain.{name}.{field}"] = getattr(exp, field)
+        batch = torch.stack(images(count, 2, seed=seed + count), dim=1)
+        exp = explain(net, batch, labels, **options)
+        for field in fields:
+            out[f"{prefix}.{name}.{field}"] = getattr(exp, field)
+
+
+def _explain_cases(out: dict) -> None:
+    _record_explain(out, "explain", 10, ("maps", "raw_maps", "scores", "weights", "embeddings"),
+                    method="sam")
 
 
 def _method_cases(out: dict) -> None:
@@ -120,6 +125,25 @@ def _method_cases(out: dict) -> None:
     bce = get_method("bce_gradcam")(net, head=head, layer="act")
     out["method.bce_gradcam.pair"] = bce.explain(pair)
     out["method.bce_gradcam.signed_target"] = bce.explain(pair, same_class=same)
+
+
+def _default_cases(out: dict) -> None:
+    """The default method (the contribution reading, issue 19) through every face:
+    explain, the captum attribution, a reference, psam, Stylianou measured from it, and
+    SAMLoss's default maps."""
+    from simexplain import EmbeddingAttribution, SAMLoss, get_method
+
+    _record_explain(out, "default.explain", 70, ("maps", "raw_maps", "scores", "embeddings"))
+    net = conv_net()
+    reference = torch.randn(6, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(75))
+    triplet = images(3, seed=76)
+    out["default.attr.triplet"] = EmbeddingAttribution(net, "act").attribute_tuples(triplet).maps
+    for name in ("contribution", "psam", "stylianou"):
+        method = get_method(name)(net, layer="act", reference=reference)
+        out[f"default.{name}.reference"] = method.explain(triplet)
+    model = conv_net().train()
+    criterion = SAMLoss(model, nn.TripletMarginLoss(margin=0.2), gamma=0.25, layer="act")
+    _record_loss(out, "default.loss.triplet", model, criterion, images(3, seed=77))
 
 
 def _record_loss(out: dict, prefix: str, model: nn.Module, criterion, *args, **kwargs) -> None:
@@ -269,7 +293,7 @@ def compute() -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
     try:
         for cases in (_attribution_cases, _explain_cases, _method_cases, _loss_cases,
-                      _application_cases, _metric_cases, _mining_term_cases):
+                      _application_cases, _metric_cases, _mining_term_cases, _default_cases):
             cases(out)
     finally:
         torch.set_num_threads(threads)
@@ -277,20 +301,37 @@ def compute() -> dict[str, Tensor]:
 
 
 def environment() -> dict[str, str]:
-    """What the exact values depend on besides the code."""
+    """What the exact values depend on besides the code (keys added later carry their own
+    in the file's metadata, ``added.<first part of the key>``)."""
     return {
         "torch": torch.__version__,
         "cpu_capability": str(torch.backends.cpu.get_cpu_capability()),
     }
 
 
-def record() -> None:
+def record(only_new: bool = False) -> None:
+    """Write every value; with ``only_new``, add the keys not recorded yet and keep the
+    recorded ones as they are (after checking that they are still computed exactly)."""
+    from safetensors import safe_open
     from safetensors.torch import save_file
 
-    save_file(compute(), str(GOLDEN_FILE), metadata=environment())
+    values, metadata = compute(), environment()
+    if only_new:
+        with safe_open(str(GOLDEN_FILE), framework="pt") as handle:
+            kept = {key: handle.get_tensor(key) for key in handle.keys()}
+            metadata = handle.metadata()
+        changed = [k for k, v in kept.items()
+                   if not torch.allclose(values[k].double(), v.double(), rtol=1e-4, atol=1e-6)]
+        if changed:
+            raise SystemExit(f"recorded values changed, not adding: {changed[:5]}")
+        prefixes = sorted({k.split(".")[0] for k in values if k not in kept})
+        for prefix in prefixes:  # where the added keys were recorded
+            metadata[f"added.{prefix}"] = "|".join(environment().values())
+        values = {**values, **kept}
+    save_file(values, str(GOLDEN_FILE), metadata=metadata)
     print(f"wrote {GOLDEN_FILE}")
 
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).parent))
-    record()
+    record(only_new="--only-new" in sys.argv)

@@ -75,7 +75,7 @@ def build(layout: str, dtype: torch.dtype) -> nn.Module:
 @given(
     layout=st.sampled_from(sorted(NETS)),
     dtype=st.sampled_from(sorted(DTYPES)),
-    method=st.sampled_from(["psam", "sam", "gradcam_cosine", "sam_contrib"]),
+    method=st.sampled_from(["contribution", "sam", "gradcam_cosine", "sam_contrib"]),
     count=st.integers(2, 4),
     batch=st.integers(1, 5),
     side=st.sampled_from([16, 20, 24]),

@@ -83,7 +83,7 @@ def test_coupled_batches_ignore_chunking_and_keep_running_statistics():
     net = bnneck()
     running = (net.neck.running_mean.clone(), net.neck.running_var.clone(),
                net.neck.num_batches_tracked.clone())
-    attr = EmbeddingAttribution(net, "act", method="psam", eval_mode=False)
+    attr = EmbeddingAttribution(net, "act", method="contribution", eval_mode=False)
     whole = attr.attribute(pairs(4))
     chunked = attr.attribute(pairs(4), chunk_size=1)
     for a, b in zip(whole, chunked):
@@ -110,7 +110,7 @@ def test_per_image_gradients_can_be_asked_for_and_change_nothing_uncoupled():
     assert forced.engine.couples_images
 
 
-@pytest.mark.parametrize("method", ["sam", "psam"])
+@pytest.mark.parametrize("method", ["sam", "contribution"])
 def test_mining_maps_of_a_coupled_batch_are_per_occurrence(method):
     net = bnneck()
     engine = SimilarityEngine(net, "act", eval_mode=False)

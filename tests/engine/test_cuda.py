@@ -24,7 +24,7 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float().cpu() - b.float().cpu()).norm() / b.float().cpu().norm())
 
 
-@pytest.mark.parametrize("method", ["psam", "sam"])
+@pytest.mark.parametrize("method", ["contribution", "sam"])
 @pytest.mark.parametrize("count", [2, 3, 4])
 def test_cuda_maps_equal_cpu_maps(method, count):
     net = conv_net()

@@ -31,7 +31,7 @@ def images(count: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("method", ["sam", "psam"])
+@pytest.mark.parametrize("method", ["sam", "contribution"])
 @pytest.mark.parametrize("count", [2, 3, 4])
 def test_half_precision_maps_match_float32(dtype, method, count):
     net = wide_net()

@@ -63,7 +63,8 @@ def resnet():
 
 
 def test_registry_names_and_lookup():
-    assert set(METHODS) == {"sam", "sam_rescaled", "sam_contrib", "psam", "gradcam_cosine",
+    assert set(METHODS) == {"sam", "sam_rescaled", "sam_contrib", "psam", "contribution",
+                            "gradcam_cosine",
                             "stylianou", "point_specific", "bce_gradcam"}
     assert get_method("stylianou") is Stylianou
     with pytest.raises(InputError, match="unknown explanation method 'gradcam'.*sam"):
@@ -71,9 +72,11 @@ def test_registry_names_and_lookup():
 
 
 def test_score_methods_and_methods_that_need_more_than_the_model(resnet):
-    assert score_methods() == ["bce_gradcam", "gradcam_cosine", "psam", "sam", "sam_contrib",
-                               "sam_rescaled"]
-    assert "bce_gradcam" not in score_methods(standalone=True)
+    assert score_methods() == ["bce_gradcam", "contribution", "gradcam_cosine", "psam", "sam",
+                               "sam_contrib", "sam_rescaled"]
+    assert {"bce_gradcam", "psam"}.isdisjoint(score_methods(standalone=True))
+    with unchanged(resnet), pytest.raises(InputError, match="'psam' needs reference="):
+        EmbeddingAttribution(resnet, "layer4", method="psam")
     with unchanged(resnet), pytest.raises(InputError, match="'bce_gradcam' needs head="):
         EmbeddingAttribution(resnet, "layer4", method="bce_gradcam")
     with pytest.raises(InputError, match="not GradCAM of a per-image score"):
@@ -333,6 +336,8 @@ def test_bce_gradcam_negates_for_different_pairs_and_rejects_triplets():
 def build(name, model, layer):
     if name == "bce_gradcam":
         return get_method(name)(model, PairClassifierHead(16).eval(), layer=layer)
+    if name == "psam":
+        return get_method(name)(model, layer=layer, reference=torch.randn(8, 16))
     return get_method(name)(model, layer=layer)
 
 

@@ -40,7 +40,7 @@ def param_grads(model: nn.Module) -> torch.Tensor:
     return torch.cat([p.grad.flatten() for p in model.parameters()])
 
 
-@pytest.mark.parametrize("method", ["psam", "sam"])
+@pytest.mark.parametrize("method", ["contribution", "sam"])
 def test_masking_only_the_positive_compares_it_with_the_unmasked_others(method):
     torch.manual_seed(0)
     model = small_net()

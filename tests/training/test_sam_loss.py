@@ -122,7 +122,8 @@ def spy_on_masks(monkeypatch) -> dict:
     return seen
 
 
-MINING_CASES = [("psam", None), ("psam", "reference"), ("gradcam_cosine", None), ("sam", None)]
+MINING_CASES = [("contribution", None), ("contribution", "reference"), ("psam", "reference"),
+                ("gradcam_cosine", None), ("sam", None)]
 
 
 @pytest.mark.parametrize("method, reference", MINING_CASES)

@@ -6,6 +6,7 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image
 
+from simexplain.methods import DEFAULT_METHOD
 from simexplain.apps.explanation import Explanation
 from simexplain.viz import (
     display_image,
@@ -51,7 +52,7 @@ def colorbar_axes(figure):
 
 def test_colorbar_names_the_method_that_made_the_maps():
     figure = plot_explanation(make_explanation("triplet", 3))
-    assert [ax.get_ylabel() for ax in colorbar_axes(figure)] == ["attention (psam)"]
+    assert [ax.get_ylabel() for ax in colorbar_axes(figure)] == [f"attention ({DEFAULT_METHOD})"]
     sam = make_explanation("triplet", 3)
     sam.method = "sam"
     assert colorbar_axes(plot_explanation(sam))[0].get_ylabel() == "attention (sam)"

@@ -27,11 +27,18 @@ __all__ = ["MARKER_FILE", "write_report_files"]
 
 # How the report describes the maps of each method.
 _METHOD_NOTES = {
-    "psam": "partner-aware SAM: what in each image matches the other, measured from the "
-            "gallery's mean embedding",
+    "contribution": "what each image puts into the pair's similarity, measured from the "
+                    "gallery's mean embedding",
+    "psam": "partner-aware SAM: what would make each image more like the other, measured "
+            "from the gallery's mean embedding",
     "gradcam_cosine": "GradCAM of the cosine: what in each image raises the similarity",
     "sam": "paper SAM: nearly the same map whatever the partner for high-dimensional "
            "normalised embeddings",
+    "stylianou": "each location's share of the cosine similarity (Stylianou et al.), "
+                 "signed, scaled from the most negative location to the most positive",
+    "point_specific": "each location's share of the cosine similarity (Zhu et al.'s "
+                      "overall maps, equal to Stylianou et al.'s), signed, scaled from "
+                      "the most negative location to the most positive",
 }
 
 # Written into every report folder, so a later run knows it may replace the folder.

@@ -37,6 +37,7 @@ from ...errors import InputError, LayerError, ModelOutputError
 from ...methods.decomposition import PointSpecific
 from ...methods.defaults import DEFAULT_METHOD
 from ..gallery import embed_gallery, embed_images
+from ..method_runner import check_inputs_given
 from ..retrieval import explain_matches, explainer, rank_gallery
 from .page import MARKER_FILE, write_report_files
 
@@ -190,9 +191,12 @@ def retrieval_report(
         preprocessing: the model's preprocessing (default: resolved from the model).
         top_k: matches per query.
         layer: the layer of the maps (default: found automatically).
-        method: the explanation method of each (query, match) pair's maps (a name of
-            :func:`~simexplain.methods.score_methods`); ``"psam"``, the default, measures
-            its maps from the gallery's mean embedding.
+        method: the explanation method of each (query, match) pair's maps, a name of
+            :data:`~simexplain.methods.METHODS` that needs nothing but the model (not
+            ``"bce_gradcam"``, whose trained head the report cannot take: explain its
+            matches with :func:`~simexplain.apps.retrieval.explain_matches`);
+            the default, ``"contribution"``, measures its maps from the gallery's mean
+            embedding.
         point_maps: compute point-to-point maps; they need an embedding that is a
             linear function of globally average pooled features, and are left out with
             a note (:attr:`RetrievalReport.point_maps_note`) for other models.
@@ -230,6 +234,10 @@ def retrieval_report(
     """
     if top_k < 1:
         raise InputError(f"top_k must be at least 1, got {top_k}")
+    check_inputs_given(
+        method, {}, "a report cannot take it: explain the matches with explain_matches("
+        f"explainer(model, method={method!r}, ...), query, matches), or choose another method"
+    )
     queries, gallery = [Path(q) for q in queries], [Path(g) for g in gallery]
     query_labels = _check_labels(query_labels, len(queries), "query_labels")
     gallery_labels = _check_labels(gallery_labels, len(gallery), "gallery_labels")
