@@ -14,6 +14,7 @@ from _finetune import ARMS, KS, Protocol, arm_settings
 from _pretrained import clutter_photos, normalise
 from simexplain import EmbeddingAttribution
 from simexplain.data import compose_scenes, compose_views
+from simexplain.methods import DEFAULT_METHOD
 from simexplain.metrics import pointing_game
 
 MINING_ARMS = ("sam_paper", "sam_default")
@@ -246,7 +247,7 @@ def maps_check(nets: dict, protocol: Protocol, count: int, size: int = 128) -> d
     scenes, views = _views_and_scenes(protocol, count, size)
     out: dict = {}
     for arm, net in nets.items():
-        for method in ("psam", "sam"):
+        for method in (DEFAULT_METHOD, "sam"):
             attribution = EmbeddingAttribution(net, method=method)
             match = distractor = 0.0
             for side in (0, 1):
