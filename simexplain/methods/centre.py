@@ -5,8 +5,10 @@ images' cosine is that component, whichever images they are. Cosine-family metho
 measure the embeddings from a centre ``m``, ``z = normalise(f / |f| - m)``: the mean
 normalised embedding of *reference* images (a gallery, a few hundred images of the
 domain). Centres that need no reference (generated noise images, the tuple's own images
-shuffled in blocks, the tuple's average location) were measured and did not do better
-than none (docs/method.rst), so without a reference the methods measure from the origin.
+shuffled in blocks, the tuple's average location) were measured in an exploration on
+the discriminative benchmark's scenes (its table is in docs/method.rst; the script was
+not kept) and did not do better than none, so without a reference the methods measure
+from the origin.
 """
 
 from __future__ import annotations

@@ -148,12 +148,18 @@ def unit_directions(
     unit = scale(embeddings)
     if centre is None:
         return unit
+    check_centre(centre, embeddings)
+    return scale(unit - centre.to(unit))
+
+
+def check_centre(centre: Tensor, embeddings: Tensor) -> None:
+    """Raise :class:`~simexplain.errors.InputError` unless ``centre`` ``(d,)`` fits the
+    model's ``d``-dimensional ``embeddings``."""
     if centre.shape != embeddings.shape[-1:]:
         raise InputError(
             f"the reference has {centre.shape[-1]}-d embeddings but the model gives "
             f"{embeddings.shape[-1]}-d ones; embed the reference with this model"
         )
-    return scale(unit - centre.to(unit))
 
 
 @register_method

@@ -17,6 +17,7 @@ from ..engine.target_layer import LayerSpec, get_layer
 from ..errors import InputError, LayerError
 from .base import TensorTuple, register_method
 from .centre import CentredMethod
+from .cosine import check_centre
 from .cosine import check_coefficients
 
 __all__ = ["Stylianou", "PointSpecific"]
@@ -146,11 +147,7 @@ class Stylianou(CentredMethod):
             return shares, embeddings
         norms = embeddings.norm(dim=-1).clamp_min(1e-12)[..., None]  # (T, B, 1)
         centre = self.centre.to(embeddings)
-        if centre.shape != embeddings.shape[-1:]:
-            raise InputError(
-                f"the reference has {centre.shape[-1]}-d embeddings but the model gives "
-                f"{embeddings.shape[-1]}-d ones; embed the reference with this model"
-            )
+        check_centre(centre, embeddings)
         lengths = (embeddings / norms - centre).norm(dim=-1, keepdim=True).clamp_min(1e-12)
         located = (shares / norms[..., None, None] - centre[:, None, None])
         return located / lengths[..., None, None], (embeddings / norms - centre) / lengths
