@@ -54,33 +54,20 @@ from discriminative import (  # noqa: E402
     write_results,
 )
 
-from simexplain.data import compose_views  # noqa: E402
+from simexplain.data import OBJECT_PHOTOS, compose_views, square_photos  # noqa: E402
 from simexplain.methods.defaults import DEFAULT_METHOD  # noqa: E402
 from simexplain.metrics import energy_in_box  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: scikit-image's colour and grey photographs of objects and scenes (not its textures).
-PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
-          "motorcycle_right.png", "ihc.png", "camera.png")
+PHOTOS = OBJECT_PHOTOS
 #: The share of the side a near-duplicate's crop keeps (then rescaled to the full size).
 CROP = 0.9
 
 
 def skimage_photos(size: int) -> Tensor:
     """scikit-image's :data:`PHOTOS`, centre-cropped square, ``(N, 3, size, size)`` in [0, 1]."""
-    import importlib.util
-
-    folder = Path(importlib.util.find_spec("skimage").submodule_search_locations[0]) / "data"
-    out = []
-    for name in PHOTOS:
-        with Image.open(folder / name) as image:
-            image = image.convert("RGB")
-            w, h = image.size
-            s = min(w, h)
-            box = ((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)
-            image = image.crop(box).resize((size, size), Image.BILINEAR)
-            out.append(torch.from_numpy(np.asarray(image, dtype=np.float32) / 255))
-    return torch.stack(out).permute(0, 3, 1, 2).contiguous()
+    return square_photos(PHOTOS, size)
 
 
 def crop(x: Tensor) -> Tensor:

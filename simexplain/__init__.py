@@ -62,6 +62,8 @@ _EXPORTS = {
     "rank_gallery": ".apps.retrieval",
     "explain_matches": ".apps.retrieval",
     "RetrievalExplanation": ".apps.retrieval",
+    "GalleryIndex": ".apps.index",
+    "RetrievalResult": ".apps.index",
     "retrieval_report": ".apps.report",
     "segment": ".apps.segmentation",
     "explain_stream": ".apps.stream",

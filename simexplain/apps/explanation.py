@@ -16,7 +16,10 @@ import torch
 from torch import Tensor, nn
 
 from ..data.preprocessing import ImageLike, preprocess_images, resolve_preprocessing
+from ..engine.embeddings import check_model
+from ..engine.inputs import integer_images_error
 from ..engine.maps import image_maps
+from ..engine.outputs import OutputSpec
 from ..engine.state import model_device, model_dtype
 from ..engine.target_layer import LayerSpec
 from ..engine.tuples import ROLES, check_labels
@@ -95,7 +98,8 @@ class Explanation:
         return plot_explanation(self, indices=indices, cmap=cmap, alpha=alpha)
 
     def save(self, path: "str | os.PathLike[str]", dpi: int = 150) -> str:
-        """Write :meth:`plot` to ``path`` atomically (format from the extension)."""
+        """Write :meth:`plot` to ``path`` atomically (format from the extension),
+        creating its folder if it is missing."""
         from ..viz.figures import save_figure
 
         return save_figure(self.plot(), path, dpi=dpi)
@@ -114,6 +118,8 @@ Images = Union[Tensor, Sequence[Union[Tensor, ImageLike]]]
 def _as_batch(model: nn.Module, imgs: Images, transform: Any) -> tuple[Tensor, Any]:
     """``(B, T, C, H, W)`` inputs and the preprocessing used (``None`` for tensors)."""
     if isinstance(imgs, Tensor):
+        if not imgs.is_floating_point():
+            raise integer_images_error("imgs", imgs.dtype)
         if imgs.dim() == 4:
             return imgs.unsqueeze(0), None
         if imgs.dim() == 5:
@@ -128,6 +134,9 @@ def _as_batch(model: nn.Module, imgs: Images, transform: Any) -> tuple[Tensor, A
             f"image paths or PIL images; got {type(imgs).__name__}"
         )
     if all(isinstance(x, Tensor) for x in imgs):
+        for i, x in enumerate(imgs):
+            if not x.is_floating_point():
+                raise integer_images_error(f"imgs[{i}]", x.dtype)
         if any(x.dim() != 3 for x in imgs):
             raise InputError("a list of tensors must hold single images (C, H, W)")
         if len({tuple(x.shape) for x in imgs}) != 1:
@@ -152,6 +161,7 @@ def explain(
     weight_fn: Optional[WeightFn] = None,
     relu: Optional[bool] = None,
     chunk_size: Optional[int] = None,
+    output: OutputSpec = None,
     **method_options: Any,
 ) -> Explanation:
     """Explain why ``model`` embeds the images of a tuple close together or far apart.
@@ -181,14 +191,19 @@ def explain(
             ``(N, C, H, W)`` like the ones explained (a gallery, a few hundred images of
             the domain); the maps then show what the partners share beyond what such
             images share, which sharpens them for pooled features.
-        transform: preprocessing for paths / PIL images: a callable or torchvision
-            weights (e.g. ``ResNet50_Weights.DEFAULT``).
+        transform: preprocessing for paths / PIL images: a
+            :class:`~simexplain.data.Preprocessing`, a callable or torchvision weights
+            (e.g. ``ResNet50_Weights.DEFAULT``).
         weight_fn: ``"sam"`` only: explain a criterion of your own (see
             :mod:`simexplain.methods.criteria`).
         relu: keep only positive evidence (GradCAM's ReLU). ``None``: the method's own
             choice, ReLU for GradCAM-style methods, signed maps for decompositions.
         chunk_size: tuples per forward pass of a GradCAM-style method (default: see
             :func:`~simexplain.engine.default_chunk_size`).
+        output: for a model that returns more than the embedding (a dict, a tuple, a
+            Hugging Face ``ModelOutput``), what picks the embedding from its output: a
+            key (``"pooler_output"``, a dict entry or an attribute), an index (``0``) or
+            a callable (``lambda out: out.image_embeds``).
         **method_options: the method's own options, given where it takes them: when it
             is built (``head=`` for ``"bce_gradcam"``, a trained pair classifier;
             ``head=`` for ``"stylianou"``, its linear head; the engine's ``layout=``,
@@ -214,8 +229,7 @@ def explain(
         >>> torch.allclose(exp.scores, exp.raw_maps.sum(dim=(-2, -1)))  # shares of the margin
         True
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_model(model)
     batch_images, preprocessing = _as_batch(model, imgs, transform)
     batch, count = batch_images.shape[:2]
     if not 2 <= count <= 4:
@@ -238,6 +252,8 @@ def explain(
         method_options["reference"] = reference
     if weight_fn is not None:
         method_options["weight_fn"] = weight_fn
+    if output is not None:
+        method_options["output"] = output
     built, run_options = build_method(method, model, layer, **method_options)
     device = model_device(model) or torch.device("cpu")
     dtype = model_dtype(model) or batch_images.dtype

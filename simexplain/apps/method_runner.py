@@ -157,23 +157,32 @@ def _decomposition(
     chunk_size: Optional[int],
     options: dict[str, Any],
 ) -> TupleResult:
-    count, batch = len(slots), slots[0].shape[0]
-    same = None if target is None else check_target(target, count, batch)
     chunk_size_for(slots, chunk_size)
     maps = method.explain(slots, **options).detach()
-    if same is not None:  # a different-class pair explains its dissimilarity: -criterion
-        maps = maps * torch.where(same, 1.0, -1.0).to(maps)[:, None, None, None]
-    images = torch.cat(slots)
     with torch.no_grad():
-        embeddings = full_precision(method.engine.embed(images).detach())
-    unit = F.normalize(embeddings, dim=-1).reshape(count, batch, -1).transpose(0, 1)
+        embeddings = method.engine.embed(torch.cat(slots)).detach()
+    layer = method.engine.feature_layer(slots[0][:2]).name
+    return decomposition_result(maps, embeddings, target, relu, layer)
+
+
+def decomposition_result(
+    maps: Tensor, embeddings: Tensor, target: Any, relu: Optional[bool], layer: str
+) -> TupleResult:
+    """A decomposition's signed maps ``(B, T, h, w)`` and the tuples' embeddings ``(T * B,
+    d)`` (slot-major) as a result: each image's score is its map's sum, and a
+    different-class pair (``target`` False) explains its dissimilarity, -criterion."""
+    batch, count = maps.shape[:2]
+    same = None if target is None else check_target(target, count, batch)
+    if same is not None:
+        maps = maps * torch.where(same, 1.0, -1.0).to(maps)[:, None, None, None]
+    unit = F.normalize(full_precision(embeddings), dim=-1).reshape(count, batch, -1)
     return TupleResult(
         maps=torch.relu(maps) if relu else maps,
         scores=maps.sum(dim=(-2, -1)),
         weights=None,
-        embeddings=unit,
+        embeddings=unit.transpose(0, 1),
         kind=tuple_kind(count, same, False),
-        layer=method.engine.feature_layer(slots[0][:2]).name,
+        layer=layer,
     )
 
 

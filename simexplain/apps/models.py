@@ -10,11 +10,13 @@ hooked.
 Models built from a name return their pooled features as the embedding: timm's
 ``num_classes=0``, and for torchvision the last ``nn.Linear`` (the classifier) replaced
 by an identity. Pretrained weights are opt-in (``pretrained=True``), since they need
-network access the first time.
+network access the first time; without it, a build fails at once unless they are cached
+(:mod:`simexplain.apps.weights_download`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
 import pickle
@@ -27,6 +29,7 @@ from torch import nn
 from ..engine.state import EXPORT_RECIPE
 from ..errors import ModelLoadError
 from .exported import is_exported_program, load_exported_program
+from .weights_download import pretrained_download
 
 __all__ = ["ModelLoadError", "load_model", "build_named_model", "load_checkpoint_weights"]
 
@@ -104,9 +107,10 @@ def build_named_model(
     if scheme not in _SCHEMES or not name:
         raise ModelLoadError(f"architecture {spec!r} must be timm:NAME or torchvision:NAME")
     try:
-        if scheme == "timm":
-            return _build_timm(name, pretrained, keep_head, num_classes)
-        return _build_torchvision(name, pretrained, keep_head, num_classes)
+        with pretrained_download(spec) if pretrained else contextlib.nullcontext():
+            if scheme == "timm":
+                return _build_timm(name, pretrained, keep_head, num_classes)
+            return _build_torchvision(name, pretrained, keep_head, num_classes)
     except ModelLoadError:
         raise
     except Exception as error:

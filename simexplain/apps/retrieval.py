@@ -93,7 +93,7 @@ def _rank_with_faiss(queries: Tensor, gallery: Tensor, count: int) -> tuple[Tens
         import faiss
     except ImportError:
         raise MissingExtraError(
-            "backend='faiss' needs faiss: pip install 'simexplain[faiss]' (or faiss-cpu)"
+            "backend='faiss' needs faiss: pip install faiss-cpu (the faiss extra)"
         ) from None
     import numpy as np
 

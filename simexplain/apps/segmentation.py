@@ -3,7 +3,7 @@
 The test image's map, from a pair ``(test, support)`` or a triplet
 ``(test, support, negative)``, is the cue; no support mask is used. With ``k`` supports
 the ``k`` maps are averaged. The map becomes a mask by a threshold or by GrabCut seeded
-from the map (OpenCV, the optional extra ``pip install simexplain[seg]``).
+from the map (OpenCV, the optional extra ``seg``).
 
 Resize policy: the test image is never resized, so the mask and map align with it pixel
 for pixel. Supports and negatives of another size are resized (bilinear, antialiased,
@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..engine.inputs import integer_images_error
 from ..engine.maps import image_maps, scale_maps
 from ..engine.state import model_device
 from ..engine.target_layer import LayerSpec
@@ -96,8 +97,8 @@ def _cv2():
         import cv2
     except ImportError as error:
         raise MissingExtraError(
-            "mask='grabcut' needs OpenCV, which is not installed: run "
-            "`pip install simexplain[seg]` (or `pip install opencv-python-headless`), "
+            "mask='grabcut' needs OpenCV, which is not installed: install simexplain's "
+            "seg extra (pip install -e '.[seg]' in a clone) or opencv-python-headless, "
             "or use mask='threshold'"
         ) from error
     return cv2
@@ -137,7 +138,7 @@ def _resized(images: list[Tensor], size: tuple[int, int], channels: int, name: s
                 f"{channels}; convert all images to the same colour space"
             )
         if not image.is_floating_point():
-            raise InputError(f"{name}[{i}] has dtype {image.dtype}; convert images to float")
+            raise integer_images_error(f"{name}[{i}]", image.dtype)
         x = image.unsqueeze(0)
         if tuple(x.shape[-2:]) != tuple(size):
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)

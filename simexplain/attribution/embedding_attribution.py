@@ -16,6 +16,7 @@ from captum.attr import GradientAttribution, LayerAttribution
 from captum.log import log_usage
 from torch import Tensor, nn
 
+from ..engine.embeddings import check_model
 from ..engine.engine import TupleResult
 from ..engine.inputs import TensorOrTuple
 from ..engine.layouts import FeatureLayer
@@ -42,8 +43,10 @@ class EmbeddingAttribution(LayerAttribution, GradientAttribution):
             ``"psam"``, ``head=`` for ``"bce_gradcam"``) and the engine's, as for
             :class:`~simexplain.engine.SimilarityEngine`: how to read the layer's output
             where the model's metadata does not tell (``layout``, ``num_prefix_tokens``,
-            ``reshape_transform``) and ``eval_mode`` (default ``True``; ``False`` keeps
-            the model's mode, e.g. to train with the maps).
+            ``reshape_transform``), ``eval_mode`` (default ``True``; ``False`` keeps
+            the model's mode, e.g. to train with the maps) and ``output``, how to pick
+            the embedding from a model that returns more (a dict, a tuple, a Hugging
+            Face ``ModelOutput``): a key, an index or a callable.
 
     Example:
         >>> import torch, torchvision
@@ -68,8 +71,7 @@ class EmbeddingAttribution(LayerAttribution, GradientAttribution):
         method: Union[str, SimilarityMethod] = DEFAULT_METHOD,
         **options: Any,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        check_model(model)
         if isinstance(method, SimilarityMethod):
             if method.model is not model or layer is not None or options:
                 raise InputError(

@@ -82,7 +82,7 @@ def _method_options(args: argparse.Namespace) -> dict:
 def _load(args: argparse.Namespace):
     """The model (in eval mode, on the device) and its preprocessing."""
     from ..apps.models import load_model
-    from ..data.preprocessing import Preprocessing, resolve_preprocessing
+    from ..data.preprocessing import resolve_preprocessing, square_preprocessing
 
     if args.size is not None and args.size < 8:
         raise InputError(f"--size must be at least 8 pixels, got {args.size}")
@@ -92,17 +92,8 @@ def _load(args: argparse.Namespace):
     ).to(device)
     preprocessing = resolve_preprocessing(model)
     if args.size is not None:
-        from torchvision import transforms as T
-
-        pipeline = T.Compose(
-            [
-                T.Resize(args.size),
-                T.CenterCrop(args.size),
-                T.ToTensor(),
-                T.Normalize(preprocessing.mean, preprocessing.std),
-            ]
-        )
-        preprocessing = Preprocessing(pipeline, preprocessing.mean, preprocessing.std)
+        preprocessing = square_preprocessing(args.size, args.size, preprocessing.mean,
+                                             preprocessing.std)
     transform = _Transform(preprocessing.transform, preprocessing.mean, preprocessing.std)
     return model, preprocessing, transform
 
@@ -129,7 +120,7 @@ def explain_command(args: argparse.Namespace) -> int:
     images = [load_image(path) for path in args.images]  # fails before the model loads
     model, _, transform = _load(args)
     exp = explain(model, images, labels=args.labels, layer=args.layer, transform=transform,
-                  method=args.method, **options)
+                  method=args.method, output=args.output, **options)
     scores = ", ".join(f"{role} {float(s):.3g}" for role, s in zip(exp.roles, exp.scores[0]))
     print(f"{exp.kind.replace('_', ' ')} explained at layer {exp.layer!r}: scores {scores}")
     out = Path(args.out)
@@ -159,8 +150,7 @@ def _figure_names(queries: Sequence[Path], file_format: str) -> list[str]:
 
 def explain_dir_command(args: argparse.Namespace) -> int:
     from .._files import atomic_write
-    from ..apps.gallery import embed_images
-    from ..apps.retrieval import explain_matches, explainer, rank_gallery
+    from ..apps.index import GalleryIndex
     from ..data.image_files import list_images
     from ..data.preprocessing import preprocess_images
     from ..viz.figures import save_figure
@@ -175,40 +165,31 @@ def explain_dir_command(args: argparse.Namespace) -> int:
     gallery = list_images(args.gallery)
     model, preprocessing, _ = _load(args)
 
-    # Every image is read while embedding, so a bad file stops the run before any output.
-    with progress_bar(len(gallery), "embedding gallery", "img", args.progress) as bar:
-        gallery_embeddings = embed_images(
-            model, gallery, preprocessing, args.batch_size, on_batch=bar.update
-        )
-    with progress_bar(len(queries), "embedding queries", "img", args.progress) as bar:
-        query_embeddings = embed_images(
-            model, queries, preprocessing, args.batch_size, on_batch=bar.update
-        )
-    similarities, indices = rank_gallery(query_embeddings, gallery_embeddings, args.top_k)
-
-    attribution = explainer(model, args.layer, args.method, gallery_embeddings)
+    # Every image is read before any output is written, so a bad file stops the run first.
+    index = GalleryIndex.build(model, gallery, layer=args.layer, transform=preprocessing,
+                               batch_size=args.batch_size, progress=args.progress,
+                               output=args.output)
+    images = preprocess_images(queries, preprocessing)
     names = _figure_names(queries, file_format)
+    similarities, indices = [], []
     with progress_bar(len(queries), "explaining queries", "img", args.progress) as bar:
-        for query, name, row in zip(queries, names, indices.tolist()):
-            images = preprocess_images([query] + [gallery[i] for i in row], preprocessing)
-            result = explain_matches(
-                attribution,
-                images[0],
-                images[1:],
-                names=[gallery[i].name for i in row],
-                mean=preprocessing.mean,
-                std=preprocessing.std,
-            )
-            out.mkdir(parents=True, exist_ok=True)
-            save_figure(result.plot(query_title=query.name), out / name, dpi=args.dpi)
-            bar.update(1)
+        for start in range(0, len(queries), args.batch_size):
+            result = index.explain(images[start:start + args.batch_size], args.top_k,
+                                   args.method)
+            similarities += result.similarities.tolist()
+            indices += result.indices.tolist()
+            for q in range(len(result)):
+                out.mkdir(parents=True, exist_ok=True)
+                figure = result.plot(q, query_title=queries[start + q].name)
+                save_figure(figure, out / names[start + q], dpi=args.dpi)
+                bar.update(1)
 
     table = io.StringIO()
     writer = csv.writer(table, lineterminator="\n")
-    writer.writerow(["query", "rank", "gallery", "cosine_similarity", "figure"])
-    for query, name, row, sims in zip(queries, names, indices.tolist(), similarities.tolist()):
+    writer.writerow(["query", "rank", "gallery", "cosine_similarity", "figure", "method"])
+    for query, name, row, sims in zip(queries, names, indices, similarities):
         for rank, (i, sim) in enumerate(zip(row, sims), start=1):
-            writer.writerow([query.name, rank, gallery[i].name, f"{sim:.6f}", name])
+            writer.writerow([query.name, rank, gallery[i].name, f"{sim:.6f}", name, args.method])
     atomic_write(out / "matches.csv", lambda handle: handle.write(table.getvalue().encode()))
     print(f"wrote {len(queries)} figure(s) and matches.csv to {out}")
     return 0
@@ -230,6 +211,12 @@ def report_command(args: argparse.Namespace) -> int:
     queries, query_labels = list_labelled_images(args.queries)
     gallery, gallery_labels = list_labelled_images(args.gallery)
     model, preprocessing, _ = _load(args)
+    layer = args.layer
+    if args.output is not None:  # the report runs the model itself: read through the output
+        from ..engine.outputs import PickOutput
+
+        model = PickOutput(model, args.output)
+        layer = None if layer is None else f"model.{layer}"
     report = retrieval_report(
         model,
         queries,
@@ -238,7 +225,7 @@ def report_command(args: argparse.Namespace) -> int:
         gallery_labels=gallery_labels,
         preprocessing=preprocessing,
         top_k=args.top_k,
-        layer=args.layer,
+        layer=layer,
         method=args.method,
         point_maps=args.point_maps,
         batch_size=args.batch_size,

@@ -1,4 +1,5 @@
-"""The ``simexplain`` command: ``explain``, ``explain-dir``, ``report`` and ``demo``.
+"""The ``simexplain`` command: ``explain``, ``explain-dir``, ``report``, ``index``,
+``retrieve`` and ``demo``.
 
 Every failure the user can cause (a missing or unreadable file, an unknown model, a
 checkpoint that does not fit, no network for ``--pretrained``) ends with one line on
@@ -11,7 +12,8 @@ from __future__ import annotations
 import os
 import re
 import sys
-from typing import Optional, Sequence
+import warnings
+from typing import Any, Optional, Sequence
 
 from .parser import PROG, UsageError, build_parser
 
@@ -30,6 +32,9 @@ _ARGUMENTS_AS_FLAGS = (
     (re.compile(r"\barch="), "--arch"),
     (re.compile(r"\blayer=None"), "no --layer"),
     (re.compile(r"\blayer="), "--layer"),
+    (re.compile(r"\boutput='([^']*)'"), r"--output \1"),
+    (re.compile(r"\boutput=(-?[0-9]+)"), r"--output \1"),
+    (re.compile(r"\boutput="), "--output"),
 )
 
 
@@ -46,16 +51,28 @@ def as_flags(message: str) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``simexplain`` console script; returns the exit code."""
+    command = argv is None  # run as the console script: the demo's time counts from its start
     argv = list(sys.argv[1:] if argv is None else argv)
+    shown = warnings.showwarning
+    warnings.showwarning = _one_line_notice(shown)
+    try:
+        return _run(argv, command)
+    finally:
+        warnings.showwarning = shown
+
+
+def _run(argv: list[str], command: bool) -> int:
     try:
         if argv[:1] == ["demo"]:
             from ..demo.run import main as demo_main
 
-            return demo_main(argv[1:])
+            return demo_main(argv[1:], whole_process=command)
         args = build_parser().parse_args(argv)
-        from . import commands
+        from . import commands, index_commands
 
-        run = {"explain": commands.explain_command, "report": commands.report_command}
+        run = {"explain": commands.explain_command, "report": commands.report_command,
+               "index": index_commands.index_command,
+               "retrieve": index_commands.retrieve_command}
         return run.get(args.command, commands.explain_dir_command)(args)
     except SystemExit as exit_request:  # --help, --version, the demo's own parser
         return exit_request.code if isinstance(exit_request.code, int) else EXIT_ERROR
@@ -67,6 +84,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if os.environ.get("SIMEXPLAIN_DEBUG"):
             raise
         return _fail(_describe(error), EXIT_ERROR)
+
+
+def _one_line_notice(shown: Any) -> Any:
+    """``warnings.showwarning`` writing simexplain's own notices as one line on stderr,
+    and other warnings as ``shown`` does."""
+
+    def show(message: Any, category: type, filename: str, lineno: int, file: Any = None,
+             line: Optional[str] = None) -> None:
+        text = str(message)
+        if text.startswith("simexplain: "):
+            print(f"simexplain: note: {text.removeprefix('simexplain: ')}", file=sys.stderr)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    return show
 
 
 def _describe(error: Exception) -> str:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import re
 from typing import Any
 
 from ..methods.base import METHODS
 from ..methods.defaults import DEFAULT_METHOD
 
-__all__ = ["PROG", "UsageError", "build_parser"]
+__all__ = ["PROG", "UsageError", "build_parser", "output_spec"]
 
 PROG = "simexplain"
 
@@ -22,6 +23,15 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def output_spec(text: str) -> "str | int":
+    """``--output``: an integer index, else a key.
+
+    >>> output_spec("0"), output_spec("-1"), output_spec("pooler_output")
+    (0, -1, 'pooler_output')
+    """
+    return int(text) if re.fullmatch(r"-?[0-9]+", text.strip()) else text
 
 
 def _model_options() -> argparse.ArgumentParser:
@@ -49,6 +59,13 @@ def _model_options() -> argparse.ArgumentParser:
         "--keep-head",
         action="store_true",
         help="keep the classification layer (default: embed with the pooled features)",
+    )
+    group.add_argument(
+        "--output",
+        type=output_spec,
+        metavar="KEY",
+        help="for a model that returns more than the embedding (a dict, a tuple, a Hugging "
+        "Face output): the key or the integer index of the embedding in its output",
     )
     group.add_argument("--layer", help="dotted name of the layer to explain (default: found)")
     group.add_argument(
@@ -99,10 +116,14 @@ def build_parser() -> _Parser:
     _add_explain(commands, model_options)
     _add_explain_dir(commands, model_options, retrieval_options)
     _add_report(commands, model_options, retrieval_options)
+    from .index_commands import add_index_commands
+
+    add_index_commands(commands, model_options, retrieval_options)
     commands.add_parser(
         "demo",
-        help="train a small embedding model offline and explain a pair, a triplet and a "
-        "quadruplet (see simexplain demo --help)",
+        help="explain ImageNet EfficientNet-Lite0 on real photos offline, in under a minute "
+        "(needs the demo extra; --train: train a small network first; see simexplain demo "
+        "--help)",
         add_help=False,
     )
     return parser

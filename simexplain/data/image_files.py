@@ -22,9 +22,12 @@ def list_images(directory: "str | os.PathLike[str]") -> list[Path]:
     """The image files directly inside ``directory``, sorted by name.
 
     Raises:
-        InputError: the directory does not exist or holds no image file.
+        InputError: the directory does not exist, is a file, or holds no image file.
     """
     folder = Path(directory)
+    if folder.is_file():
+        raise InputError(f"{folder} is a file, not a folder; give the folder that holds the "
+                         "images")
     if not folder.is_dir():
         raise InputError(f"image folder not found: {folder}")
     files = sorted(

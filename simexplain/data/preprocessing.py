@@ -12,7 +12,8 @@ from torch import Tensor, nn
 
 from ..errors import InputError
 
-__all__ = ["Preprocessing", "resolve_preprocessing", "load_image", "preprocess_images"]
+__all__ = ["Preprocessing", "resolve_preprocessing", "square_preprocessing", "load_image",
+           "preprocess_images"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -32,11 +33,13 @@ class Preprocessing:
 def resolve_preprocessing(model: nn.Module, transform: Any = None) -> Preprocessing:
     """The preprocessing to use for ``model``.
 
-    In order: ``transform`` when given (a callable, or torchvision weights such as
-    ``ResNet50_Weights.DEFAULT``, whose ``.transforms()`` is used); timm's data config
-    when the model carries a ``pretrained_cfg``; else ImageNet's resize-256, crop-224,
-    mean/std normalisation.
+    In order: ``transform`` when given (a :class:`Preprocessing`, a callable, or
+    torchvision weights such as ``ResNet50_Weights.DEFAULT``, whose ``.transforms()`` is
+    used); timm's data config when the model carries a ``pretrained_cfg``; else ImageNet's
+    resize-256, crop-224, mean/std normalisation.
     """
+    if isinstance(transform, Preprocessing):
+        return transform
     if transform is not None and callable(getattr(transform, "transforms", None)):
         transform = transform.transforms()
     if transform is not None:
@@ -54,17 +57,23 @@ def resolve_preprocessing(model: nn.Module, transform: Any = None) -> Preprocess
         return Preprocessing(
             create_transform(**config), tuple(config["mean"]), tuple(config["std"])
         )
+    return square_preprocessing(256, 224, IMAGENET_MEAN, IMAGENET_STD)
+
+
+def square_preprocessing(
+    resize: int, crop: int, mean: Sequence[float], std: Sequence[float]
+) -> Preprocessing:
+    """The shorter side resized to ``resize``, a centre crop ``crop x crop``, then
+    normalised with ``mean`` and ``std``.
+
+    >>> square_preprocessing(64, 56, (0.5,) * 3, (0.5,) * 3).mean
+    (0.5, 0.5, 0.5)
+    """
     from torchvision import transforms as T
 
-    pipeline = T.Compose(
-        [
-            T.Resize(256),
-            T.CenterCrop(224),
-            T.ToTensor(),
-            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ]
-    )
-    return Preprocessing(pipeline, IMAGENET_MEAN, IMAGENET_STD)
+    pipeline = T.Compose([T.Resize(resize), T.CenterCrop(crop), T.ToTensor(),
+                          T.Normalize(mean, std)])
+    return Preprocessing(pipeline, tuple(mean), tuple(std))
 
 
 def load_image(image: ImageLike) -> Image.Image:

@@ -1,5 +1,7 @@
-"""The offline demo: a small embedding network trained on Fashion-MNIST or generated shapes,
-then a pair, a triplet and a quadruplet explained (``simexplain demo``)."""
+"""The offline demos (``simexplain demo``): ImageNet EfficientNet-Lite0 explained on
+scikit-image's photos, or (``--train``) a small embedding network trained on Fashion-MNIST
+or generated shapes, then explained. The small network and its training are importable
+for examples and tests."""
 
 from . import network, training
 from .network import *  # noqa: F403

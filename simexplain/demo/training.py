@@ -172,7 +172,7 @@ def trained_demo_model(
 ) -> tuple[SmallEmbeddingNet, DemoData]:
     """The demo's network trained on the demo data, to try the library without downloads.
 
-    Training takes about a minute on two CPU cores the first time; the weights are then
+    Training takes about 6 minutes on two CPU cores the first time; the weights are then
     cached (safetensors, written atomically) under ``cache_dir`` (default
     :func:`default_cache_dir`) and loaded on later calls. A cache file that cannot be
     read is ignored and rewritten. Returns the model in eval mode and its data.

@@ -15,6 +15,7 @@ from . import (
     inputs,
     layouts,
     maps,
+    outputs,
     score,
     state,
     target_layer,
@@ -28,6 +29,7 @@ from .maps import *  # noqa: F403
 from .chunking import *  # noqa: F403
 from .inputs import *  # noqa: F403
 from .embeddings import *  # noqa: F403
+from .outputs import *  # noqa: F403
 from .gradients import *  # noqa: F403
 from .tuples import *  # noqa: F403
 from .state import *  # noqa: F403
@@ -41,6 +43,7 @@ __all__ = [
     *chunking.__all__,
     *inputs.__all__,
     *embeddings.__all__,
+    *outputs.__all__,
     *gradients.__all__,
     *tuples.__all__,
     *state.__all__,

@@ -31,11 +31,12 @@ from torch import Tensor, nn
 
 from ..errors import LayerError
 from .chunking import chunk_size_for
-from .embeddings import embedding_matrix, finite_embeddings, run_model
+from .embeddings import check_model, embedding_matrix, finite_embeddings, run_model
 from .gradients import batch_statistics_norms, layer_gradient, score_gradient
 from .inputs import TensorOrTuple, as_forward_args, check_tuple_inputs, tuple_forward_args
 from .layouts import FeatureLayer, to_spatial
 from .maps import full_precision, gradcam_maps
+from .outputs import OutputSpec, check_output
 from .score import SimilarityScore
 from .state import check_hookable, frozen_norm_statistics, preserved_state, unwrap_data_parallel
 from .target_layer import LayerSpec, get_layer, resolve_layer
@@ -64,6 +65,21 @@ class TupleResult:
     embeddings: Tensor
     kind: str
     layer: str
+
+    @classmethod
+    def from_chunks(
+        cls, parts: list[tuple[Tensor, Tensor, Optional[Tensor], Tensor]], kind: str, layer: str
+    ) -> "TupleResult":
+        """The result of chunks' ``(maps, scores, weights, embeddings)``, in order."""
+        weights = [p[2] for p in parts]
+        return cls(
+            maps=torch.cat([p[0] for p in parts]),
+            scores=torch.cat([p[1] for p in parts]),
+            weights=None if weights[0] is None else torch.cat(weights),
+            embeddings=torch.cat([p[3] for p in parts]),
+            kind=kind,
+            layer=layer,
+        )
 
     def to(self, device: Any) -> "TupleResult":
         """This result with its tensors on ``device``."""
@@ -99,6 +115,11 @@ class SimilarityEngine:
         per_image_gradients: one backward pass per image: ``None`` (default) when a batch
             norm that uses the batch's statistics runs after the layer, ``True`` also for
             other couplings the engine cannot see (e.g. attention across the batch).
+        output: how to pick the embedding from the model's output when it returns more
+            (a dict, a tuple, a Hugging Face ``ModelOutput``): a key
+            (``"pooler_output"``), an index (``0``) or a callable
+            (``lambda out: out.image_embeds``); see
+            :func:`~simexplain.engine.outputs.select_output`.
 
     Example:
         >>> import torch, torchvision
@@ -120,9 +141,9 @@ class SimilarityEngine:
         reshape_transform: Optional[Callable[[Tensor], Tensor]] = None,
         eval_mode: bool = True,
         per_image_gradients: Optional[bool] = None,
+        output: OutputSpec = None,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        check_model(model)
         check_hookable(model)
         if isinstance(layer, str) and model is not unwrap_data_parallel(model):
             layer = layer.removeprefix("module.")
@@ -134,6 +155,7 @@ class SimilarityEngine:
         self.reshape_transform = reshape_transform
         self.eval_mode = eval_mode
         self.per_image_gradients = per_image_gradients
+        self.output = check_output(output)
         #: Whether the last :meth:`forward` coupled its images after the layer (a batch
         #: norm with batch statistics ran after it, or ``per_image_gradients=True``).
         self.couples_images = bool(per_image_gradients)
@@ -190,15 +212,7 @@ class SimilarityEngine:
                         create_graph,
                     )
                 )
-        weights = [p[2] for p in parts]
-        return TupleResult(
-            maps=torch.cat([p[0] for p in parts]),
-            scores=torch.cat([p[1] for p in parts]),
-            weights=None if weights[0] is None else torch.cat(weights),
-            embeddings=torch.cat([p[3] for p in parts]),
-            kind=score.kind(count),
-            layer=layer.name,
-        )
+        return TupleResult.from_chunks(parts, score.kind(count), layer.name)
 
     def _attribute_chunk(
         self,
@@ -209,9 +223,26 @@ class SimilarityEngine:
         relu: bool,
         create_graph: bool,
     ) -> tuple[Tensor, Tensor, Optional[Tensor], Tensor]:
-        num_slots, batch = len(slots), slots[0].shape[0]
         images = torch.cat(slots)
         activation, embeddings = self.forward(images, layer, args, create_graph)
+        return self.maps_of(activation, embeddings, len(slots), score, layer,
+                            (images.shape[-2], images.shape[-1]), relu, create_graph)
+
+    def maps_of(
+        self,
+        activation: Tensor,
+        embeddings: Tensor,
+        num_slots: int,
+        score: SimilarityScore,
+        layer: FeatureLayer,
+        image_hw: tuple[int, int],
+        relu: bool = True,
+        create_graph: bool = False,
+    ) -> tuple[Tensor, Tensor, Optional[Tensor], Tensor]:
+        """Maps ``(B, T, h, w)``, scores ``(B, T)``, criterion weights and normalised
+        embeddings ``(B, T, d)`` of a chunk whose images (slot-major) gave the layer's
+        ``activation`` (a leaf that requires grad) and ``embeddings`` ``(T * B, d)``."""
+        batch = embeddings.shape[0] // num_slots
         per_slot = embeddings.reshape(num_slots, batch, -1)
         wide = full_precision(per_slot)  # scores in float32 for half-precision models
         scored = score(wide)
@@ -219,7 +250,7 @@ class SimilarityEngine:
             scored.values, activation, score.partners_fixed, create_graph,
             through=None if wide is per_slot else (per_slot, wide),
         )
-        maps = self.combine(activation, gradient, layer, (images.shape[-2], images.shape[-1]), relu)
+        maps = self.combine(activation, gradient, layer, image_hw, relu)
         values, weights = scored.values, scored.weights
         normalized = F.normalize(wide if create_graph else wide.detach(), dim=-1)
         if not create_graph:
@@ -234,7 +265,8 @@ class SimilarityEngine:
         """The layer explained for inputs shaped like ``sample`` (found once, then cached)."""
         layout = "NCHW" if self.reshape_transform is not None else self.layout
         return resolve_layer(
-            self.model, self.layer_spec, sample, layout, self.num_prefix_tokens, forward_args
+            self.model, self.layer_spec, sample, layout, self.num_prefix_tokens, forward_args,
+            self.output,
         )
 
     @contextlib.contextmanager
@@ -297,7 +329,7 @@ class SimilarityEngine:
         handles.append(handle)
         try:
             with torch.set_grad_enabled(create_graph):
-                output = run_model(self.model, images, forward_args)
+                output = run_model(self.model, images, forward_args, self.output)
                 if not captured:
                     raise LayerError(
                         f"layer {layer.name!r} was not called during the forward pass; "
@@ -313,7 +345,8 @@ class SimilarityEngine:
     def embed(self, images: Tensor, forward_args: tuple = ()) -> Tensor:
         """Plain embeddings ``(N, d)`` of ``images``: no hook, the model's state restored."""
         with preserved_state(self.model, eval_mode=self.eval_mode):
-            return embedding_matrix(run_model(self.model, images, forward_args), images.shape[0])
+            output = run_model(self.model, images, forward_args, self.output)
+            return embedding_matrix(output, images.shape[0])
 
     def spatial(self, tensor: Tensor, layer: FeatureLayer, image_hw: tuple[int, int]) -> Tensor:
         """The layer output (or its gradient) as ``(N, C, h, w)``."""

@@ -16,6 +16,7 @@ __all__ = [
     "as_forward_args",
     "is_per_tuple",
     "tuple_forward_args",
+    "integer_images_error",
 ]
 
 TensorOrTuple = Union[Tensor, Sequence[Tensor]]
@@ -65,7 +66,7 @@ def check_tuple_inputs(inputs: TensorOrTuple) -> list[Tensor]:
                 "(B, C, H, W). Add a batch dimension with x.unsqueeze(0) for one image"
             )
         if not x.is_floating_point():
-            raise InputError(f"inputs[{i}] has dtype {x.dtype}; convert images to float")
+            raise integer_images_error(f"inputs[{i}]", x.dtype)
     first = slots[0]
     for i, x in enumerate(slots[1:], start=1):
         if x.shape[0] != first.shape[0]:
@@ -89,6 +90,17 @@ def check_tuple_inputs(inputs: TensorOrTuple) -> list[Tensor]:
         if not all_finite(x):
             raise InputError(f"inputs[{i}] contains NaN or Inf values; clean the images first")
     return slots
+
+
+def integer_images_error(name: str, dtype: torch.dtype) -> InputError:
+    """The error for images given as integers (``uint8`` pixels 0-255, ...): models take
+    float images, normalised as they were trained."""
+    return InputError(
+        f"{name} has dtype {dtype}; convert images to float and normalise them as the "
+        "model expects: e.g. x.float() / 255 for 0-255 pixels, then subtract the model's "
+        "mean and divide by its std (or give explain image files or PIL images, which it "
+        "preprocesses as the model's data config says)"
+    )
 
 
 def all_finite(tensor: Tensor) -> bool:

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from ..errors import LayerError
 from .embeddings import finite_embeddings, run_model
 from .layouts import LAYOUTS, FeatureLayer, infer_layout, to_spatial
+from .outputs import OutputSpec
 from .state import is_wrapper, preserved_state
 
 __all__ = ["LayerSpec", "find_feature_layer", "resolve_layer", "get_layer", "wrapped_name"]
@@ -92,11 +93,14 @@ def resolve_layer(
     layout: Optional[str] = None,
     num_prefix_tokens: Optional[int] = None,
     forward_args: tuple = (),
+    output: OutputSpec = None,
 ) -> FeatureLayer:
     """The :class:`FeatureLayer` for ``layer`` (None, a dotted name or a module).
 
     ``sample`` is one input batch ``(N, C, H, W)``; only its shape, dtype and device are
-    used. Results are cached per model, layer and input shape.
+    used. ``output`` picks the embedding from the model's output
+    (:func:`~simexplain.engine.outputs.select_output`). Results are cached per model,
+    layer, input shape and ``output``.
     """
     if layout is not None and layout not in LAYOUTS:
         raise LayerError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -111,11 +115,12 @@ def resolve_layer(
         raise LayerError(
             f"layer must be None, a dotted module name or an nn.Module, got {type(layer).__name__}"
         )
-    key = (name, tuple(sample.shape[1:]), sample.dtype, layout, num_prefix_tokens)
+    picker = output if isinstance(output, (str, int, type(None))) else id(output)
+    key = (name, tuple(sample.shape[1:]), sample.dtype, layout, num_prefix_tokens, picker)
     cached = _CACHE.get(model, {}).get(key)
     if cached is not None and _still_in_model(model, cached):
         return cached
-    found = _probe(model, name, sample, layout, num_prefix_tokens, forward_args)
+    found = _probe(model, name, sample, layout, num_prefix_tokens, forward_args, output)
     _CACHE.setdefault(model, {})[key] = found
     return found
 
@@ -149,6 +154,7 @@ def _probe(
     layout: Optional[str],
     num_prefix_tokens: Optional[int],
     forward_args: tuple = (),
+    output: OutputSpec = None,
 ) -> FeatureLayer:
     """One forward + backward on the first images of ``sample``, recording candidate layers."""
     image_hw = (int(sample.shape[-2]), int(sample.shape[-1]))
@@ -193,7 +199,9 @@ def _probe(
     handles += [m.register_forward_pre_hook(make_pre_hook(n)) for n, m in targets.items() if n]
     try:
         with preserved_state(model, eval_mode=True), torch.enable_grad():
-            embeddings = finite_embeddings(run_model(model, probe, forward_args), probe.shape[0])
+            embeddings = finite_embeddings(
+                run_model(model, probe, forward_args, output), probe.shape[0]
+            )
             if name is not None:
                 return _explicit_layer(model, name, records, seen_output, calls, image_hw)
             direction = torch.randn(embeddings.shape[1], generator=generator)

@@ -20,7 +20,8 @@ METHODS: dict[str, type["SimilarityMethod"]] = {}
 
 #: The engine's options every method passes on (see :class:`~simexplain.engine.SimilarityEngine`).
 ENGINE_OPTIONS = (
-    "layout", "num_prefix_tokens", "reshape_transform", "eval_mode", "per_image_gradients"
+    "layout", "num_prefix_tokens", "reshape_transform", "eval_mode", "per_image_gradients",
+    "output",
 )
 
 
@@ -90,8 +91,9 @@ class SimilarityMethod:
         model: maps images ``(N, C, H, W)`` to embeddings ``(N, d)``.
         layer: the spatial layer explained: ``None`` (found automatically), a dotted
             module name, or the module.
-        **layer_options: ``layout``, ``num_prefix_tokens`` or ``reshape_transform``, as for
-            :class:`~simexplain.EmbeddingAttribution`.
+        **layer_options: ``layout``, ``num_prefix_tokens``, ``reshape_transform`` or
+            ``output`` (how to pick the embedding from the model's output), as for
+            :class:`~simexplain.engine.SimilarityEngine`.
 
     Subclasses set ``name`` and implement :meth:`explain`; a GradCAM-style method does so
     in one line, handing :meth:`gradcam` its :class:`~simexplain.engine.SimilarityScore`.

@@ -13,6 +13,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from ..engine.layouts import FeatureLayer
 from ..engine.target_layer import LayerSpec, get_layer
 from ..errors import InputError, LayerError
 from .base import TensorTuple, register_method
@@ -104,8 +105,21 @@ class Stylianou(CentredMethod):
             layer = engine.feature_layer(slots[0])
             activation, embeddings = engine.forward(torch.cat(slots), layer)
         image_hw = (slots[0].shape[-2], slots[0].shape[-1])
-        features = engine.spatial(activation.detach(), layer, image_hw)
-        embeddings = embeddings.detach().reshape(len(slots), slots[0].shape[0], -1)
+        return self.shares_of(activation, embeddings, len(slots), layer, image_hw)
+
+    def shares_of(
+        self,
+        activation: Tensor,
+        embeddings: Tensor,
+        num_slots: int,
+        layer: FeatureLayer,
+        image_hw: tuple[int, int],
+    ) -> tuple[Tensor, Tensor]:
+        """:meth:`location_embeddings` from a layer's output and the embeddings ``(T * B,
+        d)`` of tuples' images (slot-major), however they were computed (e.g. from stored
+        activations, :class:`~simexplain.GalleryIndex`)."""
+        features = self.engine.spatial(activation.detach(), layer, image_hw)
+        embeddings = embeddings.detach().reshape(num_slots, -1, embeddings.shape[-1])
         pooled = features.mean(dim=(2, 3))
         flat = embeddings.reshape(pooled.shape[0], -1)
         for head in self._head_candidates():
@@ -134,9 +148,15 @@ class Stylianou(CentredMethod):
 
     def explain(self, tuples: TensorTuple, coefficients: Optional[Any] = None) -> Tensor:
         slots = self.checked_tuples(tuples)
-        matrix = check_coefficients(coefficients, len(slots))
-        shares, embeddings = self.location_embeddings(slots)
-        shares, embeddings = self.centred_shares(shares, embeddings)
+        return self.maps_of_shares(self.location_embeddings(slots), coefficients)
+
+    def maps_of_shares(
+        self, located: tuple[Tensor, Tensor], coefficients: Optional[Any] = None
+    ) -> Tensor:
+        """Maps ``(B, T, h, w)`` from :meth:`location_embeddings`' (or :meth:`shares_of`')
+        shares and embeddings, measured from the centre when there is one."""
+        matrix = check_coefficients(coefficients, located[1].shape[0])
+        shares, embeddings = self.centred_shares(*located)
         return _decomposed_maps(shares, embeddings, matrix.to(shares))
 
     def centred_shares(self, shares: Tensor, embeddings: Tensor) -> tuple[Tensor, Tensor]:

@@ -125,7 +125,9 @@ class SAMLoss(nn.Module):
         mining_gradient: ``"full"`` (the paper's) trains the network through the maps and
             through the embeddings of the masked images; ``"maps"`` only through the maps.
         **layer_options: ``layout``, ``num_prefix_tokens`` or ``reshape_transform``: how to
-            read the layer's output, as for :class:`~simexplain.engine.SimilarityEngine`.
+            read the layer's output, and ``output``: how to pick the embedding from a
+            model that returns more (a key, an index or a callable), as for
+            :class:`~simexplain.engine.SimilarityEngine`.
 
     Example:
         >>> import torch
@@ -191,7 +193,8 @@ class SAMLoss(nn.Module):
             return normalized.detach().mean(0)
         if self._fixed_centre is None:
             with torch.inference_mode(False):
-                self._fixed_centre = reference_centre(self.model, self.reference)
+                self._fixed_centre = reference_centre(self.model, self.reference,
+                                                      self.engine.embed)
         return self._fixed_centre
 
     def extra_repr(self) -> str:
@@ -325,7 +328,7 @@ class SAMLoss(nn.Module):
         self, images: Tensor, args: tuple
     ) -> tuple[Optional[Tensor], Tensor, Optional[FeatureLayer]]:
         if self.gamma == 0:  # no maps needed: a plain training forward
-            output = run_model(self.model, images, args)
+            output = run_model(self.model, images, args, self.engine.output)
             return None, embedding_matrix(output, images.shape[0]), None
         if not torch.is_grad_enabled():
             raise InputError(
@@ -390,6 +393,6 @@ class SAMLoss(nn.Module):
         keep = kept_fraction(maps, images.shape[-2:], self.alpha, self.beta)
         masked = images[occurrences] * keep.unsqueeze(1).to(images.dtype)
         masked_out = masked_embeddings(self.model, masked, args, self.freeze_norm_statistics,
-                                       self.mining_gradient)
+                                       self.mining_gradient, self.engine.output)
         per_slot = slot_embeddings(masked_out, embeddings, mining_tuples, slots)
         return SimilarityMiningLoss(kind)(*per_slot), 1 - keep.detach().float().mean()

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ..engine.embeddings import embedding_matrix, run_model
+from ..engine.outputs import OutputSpec
 from ..engine.state import frozen_norm_statistics
 from ..errors import InputError
 
@@ -64,10 +65,11 @@ def slots_to_mask(masked_slots: Optional[tuple[int, ...]], count: int, kind: str
 
 def masked_embeddings(
     model: nn.Module, masked: Tensor, args: tuple, freeze_norm_statistics: bool,
-    mining_gradient: str,
+    mining_gradient: str, output: OutputSpec = None,
 ) -> Tensor:
     """Embeddings ``(n, d)`` of the masked images, with the network's parameters in the
-    graph (``"full"``) or held fixed (``"maps"``: gradients reach only the mask)."""
+    graph (``"full"``) or held fixed (``"maps"``: gradients reach only the mask), picked
+    from the model's output by ``output`` (:func:`~simexplain.engine.outputs.select_output`)."""
     forward: Any = model
     if mining_gradient == "maps":
         # DDP's forward would expect its parameters to receive gradients: call the module
@@ -78,8 +80,8 @@ def masked_embeddings(
             return functional_call(module, fixed, (images, *extra))
 
     with frozen_norm_statistics(model) if freeze_norm_statistics else nullcontext():
-        output = run_model(forward, masked, args)
-    return embedding_matrix(output, masked.shape[0])
+        embeddings = run_model(forward, masked, args, output)
+    return embedding_matrix(embeddings, masked.shape[0])
 
 
 def slot_embeddings(

@@ -27,6 +27,7 @@ __all__ = [
     "plot_explanation",
     "plot_explanations",
     "plot_retrieval",
+    "name_method",
     "save_figure",
 ]
 
@@ -128,8 +129,17 @@ def _draw_rows(
         if row_title:
             panel.suptitle(row_title, fontsize=10, x=0.02, ha="left")
         method = getattr(exp, "method", None)  # which method made the maps, where known
-        label = f"attention ({method})" if method else "attention"
-        panel.colorbar(mappable, ax=list(axes), shrink=0.8, label=label)
+        panel.colorbar(mappable, ax=list(axes), shrink=0.8, label=_map_label(method))
+
+
+def _map_label(method: Optional[str]) -> str:
+    return f"attention ({method})" if method else "attention"
+
+
+def name_method(figure: Figure, method: str) -> Figure:
+    """Title ``figure`` with the explanation method that made its maps (``figure``)."""
+    figure.suptitle(f"maps: {method}", fontsize=10, x=0.99, ha="right")
+    return figure
 
 
 def plot_explanation(
@@ -151,7 +161,8 @@ def plot_explanations(
     alpha: float = 0.5,
     rows: Optional[list] = None,
 ) -> Figure:
-    """One figure with a row per tuple of every explanation, titled by kind (or ``titles``)."""
+    """One figure with a row per tuple of every explanation, titled by kind (or ``titles``);
+    the figure's title names the method that made the maps, where all share one."""
     if rows is None:
         rows = []
         for k, exp in enumerate(explanations):
@@ -163,6 +174,9 @@ def plot_explanations(
     columns = max(e.images.shape[1] for e, _, _ in rows)
     figure = Figure(figsize=(2.6 * columns + 1.0, 2.9 * len(rows)), layout="constrained")
     _draw_rows(figure, rows, cmap, alpha)
+    methods = {getattr(exp, "method", None) for exp, _, _ in rows}
+    if len(methods) == 1 and None not in methods:
+        name_method(figure, methods.pop())
     return figure
 
 
@@ -180,6 +194,7 @@ def plot_retrieval(
     score_name: str = "cos",
     cmap: str = "jet",
     alpha: float = 0.5,
+    method: Optional[str] = None,
 ) -> Figure:
     """A query and its top-k gallery matches, each match with its map.
 
@@ -198,6 +213,8 @@ def plot_retrieval(
         gallery_titles: a name per match (e.g. its file name).
         query_title: the query's title.
         score_name: how the score is labelled in titles.
+        method: the explanation method that made the maps, named in the figure's title
+            and on its colour bar.
 
     Example:
         >>> figure = plot_retrieval(
@@ -238,16 +255,18 @@ def plot_retrieval(
         )  # fmt: skip
     if rows == 2:
         axes[1, 0].set_axis_off()
-    figure.colorbar(mappable, ax=list(axes.ravel()), shrink=0.8, label="attention")
-    return figure
+    figure.colorbar(mappable, ax=list(axes.ravel()), shrink=0.8, label=_map_label(method))
+    return figure if method is None else name_method(figure, method)
 
 
 def save_figure(figure: Figure, path: "str | os.PathLike[str]", dpi: int = 150) -> str:
     """Write ``figure`` to ``path`` atomically: a temporary file, then a rename.
 
-    The format follows the file's extension (``.png``, ``.pdf``, ``.svg``, ...).
+    The format follows the file's extension (``.png``, ``.pdf``, ``.svg``, ...); a missing
+    folder is created.
     """
     path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     file_format = (os.path.splitext(path)[1] or ".png").lstrip(".").lower()
     atomic_write(path, lambda handle: figure.savefig(handle, dpi=dpi, format=file_format))
     return path

@@ -117,6 +117,14 @@ def test_plot_and_atomic_save(tmp_path, model):
     assert [p.name for p in tmp_path.iterdir()] == ["fig.png"]  # no temporary file left
 
 
+def test_save_creates_a_missing_folder(tmp_path, model):
+    """As the command line does; it used to fail naming an internal temporary file."""
+    exp = explain(model, torch.randn(2, 3, 32, 32), [0, 0])
+    out = tmp_path / "figures" / "pairs" / "fig.png"
+    assert exp.save(out, dpi=30) == str(out)
+    assert [p.name for p in out.parent.iterdir()] == ["fig.png"]
+
+
 def test_save_failure_leaves_nothing(tmp_path, model):
     exp = explain(model, torch.randn(2, 3, 32, 32), [0, 0])
     with pytest.raises(Exception):

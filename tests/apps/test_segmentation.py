@@ -178,7 +178,8 @@ def test_grabcut_falls_back_when_seeds_hold_one_class():
 def test_missing_opencv_names_the_extra(monkeypatch):
     model = toy_model()
     monkeypatch.setitem(sys.modules, "cv2", None)
-    with unchanged(model), pytest.raises(MissingExtraError, match=r"simexplain\[seg\]"):
+    match = r"seg extra \(pip install -e '\.\[seg\]'"
+    with unchanged(model), pytest.raises(MissingExtraError, match=match):
         segment(model, image(a=A_BOX), image(a=A_BOX), layer="0")
     assert issubclass(MissingExtraError, InputError) and issubclass(MissingExtraError, ImportError)
     # The threshold method needs no OpenCV.

@@ -24,6 +24,7 @@ from networks import conv_net
 from simexplain import explain
 from simexplain.apps.models import load_model
 from simexplain.cli import main
+from simexplain.methods import DEFAULT_METHOD
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -155,6 +156,64 @@ def exported_program(path, size=64, dynamic=True):
     return str(path)
 
 
+class DictOutput(torch.nn.Module):
+    """conv_net() whose embedding comes back in a dict, as Hugging Face models return it."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = conv_net()
+
+    def forward(self, x):
+        embedding = self.net(x)
+        return {"norm": embedding.norm(dim=1), "embedding": embedding}
+
+
+def test_output_picks_the_embedding_on_every_command(tmp_path, images, retrieval_folders,
+                                                     capsys, monkeypatch):
+    example = torch.randn(2, 3, 64, 64)
+    program = torch.export.export(DictOutput().eval(), (example,),
+                                  dynamic_shapes=({0: torch.export.Dim("batch")},))
+    model_file = tmp_path / "dict.pt2"
+    torch.export.save(program, str(model_file))
+    model = ["--model", model_file, *SIZE]
+    code, _, err = run(capsys, "explain", *images[:3], *model, "--out", tmp_path / "no.png")
+    assert_one_line_error(code, err, "the model returned a dict with 'norm' (tensor (",
+                          "not a tensor of embeddings",
+                          "Pick the embedding with --output (e.g. --output embedding")
+    code, stdout, err = run(capsys, "explain", *images[:3], *model, "--output", "embedding",
+                            "--out", tmp_path / "fig.png", "--dpi", 30)
+    assert code == 0, err
+    exp = explain(conv_net(), images[:3], transform=sized().transform)
+    expected = ", ".join(f"{r} {float(s):.3g}" for r, s in zip(exp.roles, exp.scores[0]))
+    assert stdout.splitlines()[0] == f"triplet explained at layer 'net.act': scores {expected}"
+    code, _, err = run(capsys, "explain", *images[:3], *model, "--output", "1",
+                       "--out", tmp_path / "fig.png")
+    assert_one_line_error(code, err, "--output 1 picks nothing from the model's output",
+                          "try --output embedding")
+
+    import simexplain.viz.figures as figures
+
+    titles = []
+    real_save = figures.save_figure
+    monkeypatch.setattr(figures, "save_figure", lambda figure, path, dpi=150: titles.append(
+        figure._suptitle.get_text()) or real_save(figure, path, dpi))
+    queries, gallery = retrieval_folders
+    out = tmp_path / "results"
+    code, _, err = run(capsys, "explain-dir", queries, "--gallery", gallery, "--top-k", 2,
+                       "--out", out, *model, "--output", "embedding", "--layer", "net.act",
+                       "--dpi", 30, "--no-progress")
+    assert code == 0, err
+    assert titles == [f"maps: {DEFAULT_METHOD}"] * 2  # every figure names its method
+    rows = list(csv.DictReader((out / "matches.csv").open()))
+    assert [r["gallery"] for r in rows if r["query"] == "q1.png"][0] == "copy_of_q1.png"
+    code, stdout, err = run(capsys, "report", queries, "--gallery", gallery, "--top-k", 2,
+                            "--out", tmp_path / "report", *model, "--output", "embedding",
+                            "--layer", "net.act", "--no-progress")
+    assert code == 0, err
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert f"Maps: <code>{DEFAULT_METHOD}</code>" in page  # the report names its method
+
+
 def torchscript_archive(path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated
@@ -270,6 +329,11 @@ def test_failed_downloads_are_reported_in_one_line(tmp_path, images, capsys, mon
     import timm.models._hub
     import torchvision.models._api
 
+    import simexplain.apps.weights_download as weights
+
+    # the hosts answer, then the download fails (offline, it would not be tried: see below)
+    monkeypatch.setattr(weights, "host_reachable", lambda host, timeout=0: True)
+
     def no_network(*args, **kwargs):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
@@ -289,6 +353,32 @@ def test_failed_downloads_are_reported_in_one_line(tmp_path, images, capsys, mon
             "leave out --pretrained",
         )  # fmt: skip
         assert not out.exists()
+
+
+def test_pretrained_without_network_fails_at_once_in_one_line(tmp_path, images, capsys,
+                                                              monkeypatch):
+    """No minute of Hub retries: the weights are not cached and no host answers."""
+    import huggingface_hub.constants
+    import timm
+
+    import simexplain.apps.weights_download as weights
+
+    monkeypatch.setattr(weights, "host_reachable", lambda host, timeout=0: False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("the download was attempted")
+
+    monkeypatch.setattr(timm, "create_model", no_download)
+    out = tmp_path / "out.png"
+    code, stdout, err = run(
+        capsys, "explain", *images[:3], "--model", "timm:resnet10t", "--pretrained", "--out", out
+    )
+    assert_one_line_error(
+        code, err, "could not download the pretrained weights of timm:resnet10t: "
+        "huggingface.co cannot be reached (no network access?)", "leave out --pretrained",
+    )  # fmt: skip
+    assert stdout == "" and not out.exists()
 
 
 def test_unexpected_errors_are_one_line_too(tmp_path, images, capsys, monkeypatch):
@@ -345,6 +435,7 @@ def test_explain_dir_writes_figures_and_rankings(tmp_path, retrieval_folders, ca
     assert err == ""
     assert sorted(os.listdir(out)) == ["matches.csv", "q0.png", "q1.png"]
     rows = list(csv.DictReader((out / "matches.csv").open()))
+    assert {r["method"] for r in rows} == {DEFAULT_METHOD}  # as docs/cli.rst says
     assert [(r["query"], r["rank"]) for r in rows] == [
         (q, str(k)) for q in ("q0.png", "q1.png") for k in (1, 2, 3)
     ]
@@ -363,7 +454,7 @@ def test_explain_dir_progress_bars(tmp_path, retrieval_folders, capsys):
         tmp_path / "r", "--model", "torchvision:resnet18", *SIZE, "--progress", "--dpi", 30,
     )  # fmt: skip
     assert code == 0
-    for stage in ("embedding gallery", "embedding queries", "explaining queries"):
+    for stage in ("indexing gallery", "explaining queries"):
         assert stage in err
     assert "5/5" in err and "2/2" in err
 
@@ -382,6 +473,9 @@ def test_explain_dir_errors(tmp_path, retrieval_folders, capsys):
     assert_one_line_error(code, err, "no image files in")
     code, _, err = run(capsys, "explain-dir", queries, "--gallery", tmp_path / "nope", *common)
     assert_one_line_error(code, err, "image folder not found")
+    a_file = queries / "q0.png"  # a file that exists: not "not found"
+    code, _, err = run(capsys, "explain-dir", a_file, "--gallery", gallery, *common)
+    assert_one_line_error(code, err, f"{a_file} is a file, not a folder")
     code, _, err = run(capsys, "explain-dir", queries, "--gallery", gallery, "--top-k", 0, *common)
     assert_one_line_error(code, err, "--top-k must be at least 1")
     # a layer that is no feature map fails at the first explanation, before any output

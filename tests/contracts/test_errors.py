@@ -165,6 +165,19 @@ def test_integer_images(model, attr, dtype):
         attr.attribute((a, p.to(dtype), n))
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int64])
+def test_integer_images_in_explain_say_to_convert_and_normalise(model, dtype):
+    """Not converted silently (uint8 0-255 images gave scores of about -0.98)."""
+    pixels = torch.randint(0, 256, (3, 3, 16, 16)).to(dtype)
+    match = (rf"imgs has dtype {dtype}; convert images to float and normalise them as the "
+             r"model expects: e\.g\. x\.float\(\) / 255 for 0-255 pixels, then subtract the "
+             r"model's mean and divide by its std")
+    with raises(model, InputError, match):
+        explain(model, pixels)
+    with raises(model, InputError, rf"imgs\[1\] has dtype {dtype}; convert images to float"):
+        explain(model, [torch.rand(3, 16, 16), pixels[1], torch.rand(3, 16, 16)])
+
+
 def test_empty_batch(model, attr):
     with raises(model, InputError, r"no images \(batch size 0\)"):
         attr.attribute(images(3, batch=0))
@@ -436,9 +449,13 @@ class Wrapped(nn.Module):
 BAD_OUTPUTS = {
     "tuple": (
         lambda emb, feats: (emb, feats),
-        r"the model returned tuple, not a tensor of embeddings.*lambda x: model\(x\)\[0\]",
+        r"the model returned a tuple of 2: \[0\] tensor \(2, 8\), \[1\] tensor \(2, 16, 8, 8\), "
+        r"not a tensor of embeddings\. Pick the embedding with output= \(e\.g\. output=0",
     ),
-    "dict": (lambda emb, feats: {"emb": emb}, r"the model returned dict, not a tensor"),
+    "dict": (
+        lambda emb, feats: {"emb": emb},
+        r"the model returned a dict with 'emb' \(tensor \(2, 8\)\), not a tensor.*output='emb'",
+    ),
     "spatial": (
         lambda emb, feats: feats,
         r"the model returned shape \(2, 16, 8, 8\) for 2 images; it must return one "

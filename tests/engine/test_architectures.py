@@ -8,7 +8,9 @@ small input size the model supports, and checks:
   ``forward_features``' output for timm models, except class-token ViTs, whose last patch
   tokens get no gradient, so the last block's ``norm1`` is explained instead;
 * the maps: one ``(1, 1, h, w)`` map per slot on the expected grid, ``h * w > 1``, finite,
-  and not all zero, except where random weights are known to give all-zero maps.
+  and not all zero, except where random weights are known to give all-zero maps;
+* the model cut at the layer (``simexplain.engine.head_split``): maps from stored
+  crossing values equal the full forward's, or the model falls back with a reason.
 
 Run with ``pytest tests/test_architectures.py -s`` to see the layer chosen for each model.
 """
@@ -28,6 +30,7 @@ from torch import nn
 
 from simexplain import EmbeddingAttribution
 from simexplain.engine import FeatureLayer
+from stored_maps import FLOAT16_TOLERANCE, relative_error, stored_and_full
 
 pytestmark = pytest.mark.slow
 
@@ -329,6 +332,21 @@ def _check(case: Arch, model: nn.Module) -> None:
         # against a cosine, so that map may be blank (docs/method.rst).
         if not case.zero_ok and slot < 2:
             assert m.max() > 0, f"all-zero map for {case.id}"
+    _check_split(case, model, torch.cat([anchor, positive]).unsqueeze(1))
+
+
+def _check_split(case: Arch, model: nn.Module, pair: torch.Tensor) -> None:
+    """The model cut at its layer: maps from stored crossing values equal the full
+    forward's (float32 storage), and stay within the stated tolerance in float16."""
+    full, stored, split = stored_and_full(model, pair)
+    if stored is None:  # falls back to recomputing, with a one-line reason
+        print(f"{case.id}: does not split: {split.reason}")
+        assert split.reason and "\n" not in split.reason
+        return
+    print(f"{case.id}: splits, crossing {split.names}")
+    assert relative_error(stored.maps, full.maps) < 1e-4
+    _, half, _ = stored_and_full(model, pair, dtype=torch.float16)
+    assert relative_error(half.maps, full.maps) < FLOAT16_TOLERANCE
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])

@@ -11,6 +11,7 @@ from simexplain.apps.explanation import Explanation
 from simexplain.viz import (
     display_image,
     draw_overlay,
+    name_method,
     plot_explanation,
     plot_explanations,
     plot_retrieval,
@@ -53,9 +54,12 @@ def colorbar_axes(figure):
 def test_colorbar_names_the_method_that_made_the_maps():
     figure = plot_explanation(make_explanation("triplet", 3))
     assert [ax.get_ylabel() for ax in colorbar_axes(figure)] == [f"attention ({DEFAULT_METHOD})"]
+    assert figure._suptitle.get_text() == f"maps: {DEFAULT_METHOD}"  # and its title
     sam = make_explanation("triplet", 3)
     sam.method = "sam"
     assert colorbar_axes(plot_explanation(sam))[0].get_ylabel() == "attention (sam)"
+    mixed = plot_explanations([make_explanation("triplet", 3), sam])
+    assert mixed._suptitle is None  # each row's colour bar names its own
 
 
 def test_display_image_undoes_the_model_normalisation():
@@ -188,6 +192,23 @@ def test_retrieval_figure_variants_and_bad_input():
         plot_retrieval(query, gallery, None, gallery_maps[:1], scores)
     with pytest.raises(ValueError, match="gallery_titles"):
         plot_retrieval(query, gallery, None, gallery_maps, scores, gallery_titles=["x"])
+
+
+def test_retrieval_figure_names_its_method():
+    query, gallery, query_maps, gallery_maps, scores = retrieval_inputs(k=2)
+    figure = plot_retrieval(query, gallery, query_maps, gallery_maps, scores, method="psam")
+    assert figure._suptitle.get_text() == "maps: psam"
+    assert [ax.get_ylabel() for ax in colorbar_axes(figure)] == ["attention (psam)"]
+    unnamed = plot_retrieval(query, gallery, query_maps, gallery_maps, scores)
+    assert unnamed._suptitle is None
+    assert name_method(unnamed, DEFAULT_METHOD)._suptitle.get_text() == f"maps: {DEFAULT_METHOD}"
+
+
+def test_save_figure_creates_a_missing_folder(tmp_path):
+    figure = Figure(figsize=(1, 1))
+    path = tmp_path / "new" / "deeper" / "f.png"
+    assert save_figure(figure, path, dpi=20) == str(path)
+    assert [p.name for p in path.parent.iterdir()] == ["f.png"]
 
 
 def test_save_figure_at_chosen_dpi_and_format(tmp_path):

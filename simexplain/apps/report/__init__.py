@@ -1,4 +1,5 @@
-"""A static HTML report of explained retrieval (:func:`retrieval_report`)."""
+"""A static HTML report of explained retrieval (:func:`retrieval_report`), and one for many
+queries written query by query (:class:`ReportSiteWriter`)."""
 
 from .page import MARKER_FILE
 from .report import (
@@ -8,6 +9,7 @@ from .report import (
     check_report_destination,
     retrieval_report,
 )
+from .site import FailureEntry, MatchEntry, QueryEntry, ReportSiteWriter
 
 __all__ = [
     "retrieval_report",
@@ -16,4 +18,8 @@ __all__ = [
     "ReportMatch",
     "check_report_destination",
     "MARKER_FILE",
+    "ReportSiteWriter",
+    "QueryEntry",
+    "MatchEntry",
+    "FailureEntry",
 ]

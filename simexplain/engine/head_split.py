@@ -1,0 +1,278 @@
+"""Splitting a model at the explained layer: the trunk before it and the head after it.
+
+A gallery's images have been through the model once to be indexed; explaining a match
+should not run them again. :func:`split_at_layer` traces the model with ``torch.fx``
+(the target layer, and the modules timm marks as not traceable, kept as calls) and cuts
+the graph at the layer: the *head* is every node that depends on the layer's output,
+plus what it uses that depends on no input (parameters, constants); every other value the
+head reads crosses the cut. For a CNN stage that is the stage's output alone; for a
+transformer block's ``norm1`` it is the norm's output and the residual stream entering
+the block. Storing the crossing values of an image and running the head on them gives
+its embedding and, by autograd through the head, the layer gradient: a map without the
+trunk.
+
+The split is one general mechanism, not per-family code, and it is checked numerically
+on a probe batch. A model that cannot be traced, or whose cut is crossed by something
+that is not a per-image tensor (e.g. a size read from the input), gets a
+:class:`SplitFallback` saying why; callers then recompute with the full model.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from dataclasses import dataclass
+from typing import Any, Union
+
+import torch
+from torch import Tensor, fx, nn
+
+from .embeddings import embedding_matrix as read_embeddings
+from .layouts import FeatureLayer
+from .outputs import OutputSpec, select_output
+
+__all__ = ["HeadSplit", "SplitFallback", "split_at_layer"]
+
+
+@dataclass
+class HeadSplit:
+    """A model cut at its explained layer.
+
+    Attributes:
+        trunk: ``images -> (output, crossing)``: the whole model, also returning the
+            values that cross the cut, cloned (so in-place ops after the cut do not
+            change them), as a tuple of ``(N, ...)`` tensors.
+        head: ``*crossing -> output``: the model from the cut on. It calls the model's
+            own modules, so it follows their weights, device, dtype and mode.
+        names: a name per crossing value (the traced graph's node names).
+        activation_index: the position of the layer's output among the crossing values.
+    """
+
+    trunk: fx.GraphModule
+    head: fx.GraphModule
+    names: tuple[str, ...]
+    activation_index: int
+
+    def __repr__(self) -> str:
+        return f"HeadSplit(crossing={self.names}, activation_index={self.activation_index})"
+
+
+@dataclass
+class SplitFallback:
+    """Why a model could not be split at its layer (the maps are then recomputed)."""
+
+    reason: str
+
+    def __bool__(self) -> bool:
+        return False
+
+
+def split_at_layer(
+    model: nn.Module, layer: FeatureLayer, probe: Tensor, output: OutputSpec = None
+) -> Union[HeadSplit, SplitFallback]:
+    """Cut ``model`` at ``layer``'s output, checked on ``probe`` images ``(N, C, H, W)``.
+
+    The model is traced in eval mode (the only mode in which stored activations are
+    explained) and left as it was. Returns a :class:`HeadSplit` whose head reproduces the
+    model's output from the probe's crossing values, or a :class:`SplitFallback`.
+    ``output`` picks the embedding from the model's output, as the engine's ``output=``.
+
+    Example:
+        >>> import torchvision
+        >>> from simexplain.engine import resolve_layer
+        >>> model = torchvision.models.resnet18(num_classes=8).eval()
+        >>> images = torch.randn(2, 3, 64, 64)
+        >>> split = split_at_layer(model, resolve_layer(model, "layer4", images), images)
+        >>> split.names
+        ('layer4',)
+        >>> output, crossing = split.trunk(images)
+        >>> torch.allclose(split.head(*crossing), output)
+        True
+    """
+    from .state import preserved_state
+
+    with preserved_state(model, eval_mode=True), torch.no_grad():
+        try:
+            graph, path = _trace(model, layer.module)
+        except Exception as error:  # fx raises many kinds for untraceable code
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            return SplitFallback(
+                f"torch.fx cannot trace the model ({type(error).__name__}: {first_line[:160]})"
+            )
+        cut = _cut(graph, path, layer.call_index)
+        if isinstance(cut, SplitFallback):
+            return cut
+        trunk, head, names, index = _build(model, graph, *cut)
+        return _checked(HeadSplit(trunk, head, names, index), model, probe, output)
+
+
+def _trace(model: nn.Module, layer_module: nn.Module) -> tuple[fx.Graph, str]:
+    leaf_types, functions = _timm_notrace()
+
+    class Tracer(fx.Tracer):
+        def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+            return (
+                module is layer_module
+                or isinstance(module, leaf_types)
+                or super().is_leaf_module(module, qualified_name)
+            )
+
+    tracer = Tracer(autowrap_functions=functions)
+    graph = tracer.trace(model, concrete_args=_defaults_after_images(model))
+    return graph, tracer.path_of_module(layer_module)
+
+
+def _defaults_after_images(model: nn.Module) -> dict[str, Any]:
+    """The forward's optional arguments after the images, traced at their defaults (an
+    ``attn_mask=None`` traced as an input would send ``if attn_mask is None`` down the
+    other branch)."""
+    parameters = list(inspect.signature(model.forward).parameters.values())[1:]
+    return {
+        p.name: p.default for p in parameters
+        if p.default is not inspect.Parameter.empty
+        and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
+
+
+def _timm_notrace() -> tuple[tuple[type, ...], tuple[Any, ...]]:
+    """The modules and functions timm registers as not traceable by fx (kept as calls).
+
+    Read only when timm is already imported (a timm model has imported it; any other
+    model has none of its modules), so the engine stays torch-only."""
+    registry = sys.modules.get("timm.layers")
+    if registry is None:
+        return (), ()
+    functions = tuple(f for f in registry.get_notrace_functions() if callable(f))
+    return tuple(registry.get_notrace_modules()), functions
+
+
+def _cut(
+    graph: fx.Graph, path: str, call_index: int
+) -> Union[tuple[fx.Node, set[fx.Node], list[fx.Node], set[fx.Node]], SplitFallback]:
+    """The layer's node, the head's nodes, the crossing nodes and the free nodes (those
+    depending on no input, recomputed in the head)."""
+    nodes = list(graph.nodes)
+    calls = [n for n in nodes if n.op == "call_module" and n.target == path]
+    if not calls:
+        return SplitFallback(f"the traced graph has no call of layer {path!r} (it runs "
+                             "inside a module that fx keeps whole)")
+    if not -len(calls) <= call_index < len(calls):
+        return SplitFallback(f"layer {path!r} runs {len(calls)} times, not {call_index + 1}")
+    layer_node = calls[call_index]
+    head: set[fx.Node] = set()
+    frontier = list(layer_node.users)
+    while frontier:
+        node = frontier.pop()
+        if node not in head:
+            head.add(node)
+            frontier.extend(node.users)
+    output = next(n for n in nodes if n.op == "output")
+    if output not in head:
+        return SplitFallback(f"the model's output does not depend on layer {path!r}")
+    on_input: set[fx.Node] = set()
+    for node in nodes:  # topological order
+        if node.op == "placeholder" or any(a in on_input for a in node.all_input_nodes):
+            on_input.add(node)
+    crossing: list[fx.Node] = [layer_node]
+    free: set[fx.Node] = set()
+    for node in nodes:
+        if node not in head:
+            continue
+        for source in node.all_input_nodes:
+            if source in head or source is layer_node or source in free:
+                continue
+            if source in on_input:
+                if source not in crossing:
+                    crossing.append(source)
+            else:
+                free.update(_ancestors(source))
+    return layer_node, head, crossing, free
+
+
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    found, frontier = set(), [node]
+    while frontier:
+        each = frontier.pop()
+        if each not in found:
+            found.add(each)
+            frontier.extend(each.all_input_nodes)
+    return found
+
+
+def _build(
+    model: nn.Module,
+    graph: fx.Graph,
+    layer_node: fx.Node,
+    head_nodes: set[fx.Node],
+    crossing: list[fx.Node],
+    free: set[fx.Node],
+) -> tuple[fx.GraphModule, fx.GraphModule, tuple[str, ...], int]:
+    output = next(n for n in graph.nodes if n.op == "output")
+    trunk_graph, env, copies = fx.Graph(), {}, {}
+    for node in graph.nodes:
+        if node is not output:
+            env[node] = trunk_graph.node_copy(node, lambda a: env[a])
+        if node in crossing:  # copied before anything after the cut can write into it
+            copies[node] = trunk_graph.call_function(_copied, (env[node],))
+    clones = tuple(copies[c] for c in crossing)
+    result = fx.node.map_arg(output.args[0], lambda a: env[a])
+    trunk_graph.output((result, clones))
+
+    head_graph, head_env = fx.Graph(), {}
+    for node in crossing:
+        head_env[node] = head_graph.placeholder(node.name)
+    for node in graph.nodes:
+        if (node in head_nodes or node in free) and node not in head_env:
+            head_env[node] = head_graph.node_copy(node, lambda a: head_env[a])
+    names = tuple(node.name for node in crossing)
+    return (
+        fx.GraphModule(model, trunk_graph, "Trunk"),
+        fx.GraphModule(model, head_graph, "Head"),
+        names,
+        crossing.index(layer_node),
+    )
+
+
+def _copied(value: Any) -> Any:
+    return value.clone() if isinstance(value, Tensor) else value
+
+
+def _checked(
+    split: HeadSplit, model: nn.Module, probe: Tensor, output: OutputSpec
+) -> Union[HeadSplit, SplitFallback]:
+    """The split, if its head reproduces the output on ``probe`` (and on part of it: a
+    head that read the batch size from the trunk would not), else why not."""
+    def embedding_matrix(value: Any, count: int) -> Tensor:
+        return read_embeddings(select_output(value, output, count), count)
+
+    if probe.shape[0] < 2:
+        probe = torch.cat([probe, probe])
+    try:
+        whole_output, crossing = split.trunk(probe)
+        count = probe.shape[0]
+        for name, value in zip(split.names, crossing):
+            if not isinstance(value, Tensor) or value.dim() == 0 or value.shape[0] != count:
+                what = type(value).__name__ if not isinstance(value, Tensor) else \
+                    f"a tensor of shape {tuple(value.shape)}"
+                return SplitFallback(
+                    f"{name!r} crosses the cut at the layer and is {what}, not one value per "
+                    "image"
+                )
+        expected = embedding_matrix(whole_output, count)
+        whole = embedding_matrix(split.head(*crossing), count)
+        part = embedding_matrix(split.head(*(c[1:] for c in crossing)), count - 1)
+    except Exception as error:
+        return SplitFallback(f"the split model fails on a probe batch ({type(error).__name__}: "
+                             f"{str(error).strip()[:160]})")
+    reference = embedding_matrix(model(probe), count)
+    if not (_close(whole, reference) and _close(expected, reference)
+            and _close(part, reference[1:])):
+        return SplitFallback("the head after the cut does not reproduce the model's "
+                             "embeddings on a probe batch")
+    return split
+
+
+def _close(a: Tensor, b: Tensor) -> bool:
+    scale = float(b.detach().abs().max()) or 1.0
+    return bool(((a - b).abs().max() <= 1e-4 * scale).item())
+
