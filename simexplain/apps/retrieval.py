@@ -8,23 +8,19 @@ its maps show what makes the two images similar to the model. Embedding the imag
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
 from ..attribution.embedding_attribution import EmbeddingAttribution
-from ..engine.maps import image_maps
 from ..engine.state import model_device
 from ..engine.target_layer import LayerSpec
 from ..errors import InputError, MissingExtraError
 from ..methods.base import SimilarityMethod, get_method
 from ..methods.defaults import DEFAULT_METHOD
+from .index.result import RetrievalResult
 from .method_runner import build_method, option_names, run_method
-
-if TYPE_CHECKING:
-    from matplotlib.figure import Figure
 
 __all__ = [
     "faiss_available",
@@ -109,46 +105,10 @@ def _rank_with_faiss(queries: Tensor, gallery: Tensor, count: int) -> tuple[Tens
     )
 
 
-@dataclass
-class RetrievalExplanation:
-    """A query, its top matches, and the maps of each (query, match) pair.
-
-    Attributes:
-        query_image: ``(C, H, W)`` the query as the model saw it.
-        gallery_images: ``(k, C, H, W)`` the matches, best first.
-        query_maps: ``(k, H, W)`` the query's map for each match, in [0, 1].
-        gallery_maps: ``(k, H, W)`` each match's map, in [0, 1].
-        similarities: ``(k,)`` cosine similarity of each match to the query.
-        names: a name per match (e.g. its file name), or empty.
-        mean, std: the normalisation of the images, used to display them.
-    """
-
-    query_image: Tensor
-    gallery_images: Tensor
-    query_maps: Tensor
-    gallery_maps: Tensor
-    similarities: Tensor
-    names: tuple[str, ...] = ()
-    mean: Optional[Sequence[float]] = None
-    std: Optional[Sequence[float]] = None
-
-    def plot(self, query_title: str = "query", cmap: str = "jet", alpha: float = 0.5) -> "Figure":
-        """The query and its matches with their maps (:func:`~simexplain.viz.plot_retrieval`)."""
-        from ..viz.figures import plot_retrieval
-
-        return plot_retrieval(
-            self.query_image,
-            self.gallery_images,
-            self.query_maps,
-            self.gallery_maps,
-            self.similarities,
-            mean=self.mean,
-            std=self.std,
-            gallery_titles=self.names or None,
-            query_title=query_title,
-            cmap=cmap,
-            alpha=alpha,
-        )
+#: The former name of :class:`~simexplain.RetrievalResult`, the one result type of
+#: retrieval (:func:`explain_matches` and :meth:`GalleryIndex.explain
+#: <simexplain.GalleryIndex.explain>`).
+RetrievalExplanation = RetrievalResult
 
 
 def explainer(
@@ -184,12 +144,15 @@ def explain_matches(
     mean: Optional[Sequence[float]] = None,
     std: Optional[Sequence[float]] = None,
     **method_options: Any,
-) -> RetrievalExplanation:
-    """Explain why each of ``matches`` is similar to ``query``.
+) -> RetrievalResult:
+    """Explain why each of ``matches`` is similar to ``query``, with the full model for
+    every pair (for a gallery, :class:`~simexplain.GalleryIndex` explains matches from
+    stored activations at a fraction of the cost).
 
     Every (query, match) pair is explained as a same-class pair (``target=True``), so
-    both maps show the evidence for similarity. Maps are upsampled to the images and
-    scaled to [0, 1] (a decomposition's signed maps min-max, see
+    both maps show the evidence for similarity. The result holds one query: raw maps
+    ``(1, k, h, w)``; ``result.image_maps(0)`` upsamples them to the images and scales
+    each to [0, 1] (a decomposition's signed maps min-max, see
     :class:`~simexplain.Explanation`).
 
     Args:
@@ -208,8 +171,8 @@ def explain_matches(
         >>> result = explain_matches(
         ...     EmbeddingAttribution(model), torch.randn(3, 64, 64), torch.randn(2, 3, 64, 64)
         ... )
-        >>> tuple(result.query_maps.shape), tuple(result.gallery_maps.shape)
-        ((2, 64, 64), (2, 64, 64))
+        >>> tuple(result.query_maps.shape), tuple(result.image_maps(0)[1].shape)
+        ((1, 2, 2, 2), (2, 64, 64))
     """
     if query.dim() != 3 or matches.dim() != 4 or matches.shape[1:] != query.shape:
         raise InputError(
@@ -222,17 +185,23 @@ def explain_matches(
     pairs, same = (queries, matches.to(device)), torch.ones(count, dtype=torch.bool)
     if isinstance(attribution, EmbeddingAttribution):
         result = attribution.attribute_tuples(pairs, same, **method_options)
+        method = attribution.method.name
     else:
         result = run_method(attribution, pairs, same, **method_options)
-    maps = image_maps(result.maps, query.shape[-2:])
+        method = attribution.name
     embeddings = result.embeddings.cpu()
-    return RetrievalExplanation(
-        query_image=query.detach().cpu(),
-        gallery_images=matches.detach().cpu(),
-        query_maps=maps[:, 0].cpu(),
-        gallery_maps=maps[:, 1].cpu(),
-        similarities=(embeddings[:, 0] * embeddings[:, 1]).sum(-1),
-        names=tuple(names),
+    maps = result.maps.detach().cpu()
+    return RetrievalResult(
+        indices=torch.arange(count).unsqueeze(0),
+        similarities=(embeddings[:, 0] * embeddings[:, 1]).sum(-1).unsqueeze(0),
+        query_maps=maps[:, 0].unsqueeze(0),
+        gallery_maps=maps[:, 1].unsqueeze(0),
+        scores=result.scores.detach().cpu().unsqueeze(0),
+        method=method,
+        layer=result.layer,
+        query_images=query.detach().cpu().unsqueeze(0),
+        match_images=matches.detach().cpu().unsqueeze(0),
+        names=[list(names)] if names else None,
         mean=mean,
         std=std,
     )

@@ -41,10 +41,11 @@ def test_matches_explained_from_the_index_equal_explain_matches(gallery, queries
     method = explainer(model, layer="act", gallery=index.embeddings)
     for q in range(3):
         expected = explain_matches(method, queries[q], gallery[result.indices[q]])
-        query_maps, gallery_maps = result.image_maps(q)
-        torch.testing.assert_close(query_maps, expected.query_maps, rtol=0, atol=1e-5)
-        torch.testing.assert_close(gallery_maps, expected.gallery_maps, rtol=0, atol=1e-5)
-        torch.testing.assert_close(result.similarities[q], expected.similarities)
+        torch.testing.assert_close(result.query_maps[q], expected.query_maps[0], rtol=0,
+                                   atol=1e-6)
+        torch.testing.assert_close(result.gallery_maps[q], expected.gallery_maps[0], rtol=0,
+                                   atol=1e-6)
+        torch.testing.assert_close(result.similarities[q], expected.similarities[0])
 
 
 @pytest.mark.parametrize("method", ["gradcam_cosine", "sam"])
@@ -210,8 +211,8 @@ def test_a_model_that_does_not_split_is_explained_with_the_full_model(gallery, q
     result = index.explain(queries, top_k=3)
     method = explainer(model, layer="net.act", gallery=index.embeddings)
     expected = explain_matches(method, queries[0], gallery[result.indices[0]])
-    torch.testing.assert_close(result.image_maps(0)[1], expected.gallery_maps, rtol=0,
-                               atol=1e-5)
+    torch.testing.assert_close(result.gallery_maps[0], expected.gallery_maps[0], rtol=0,
+                               atol=1e-6)
     with pytest.raises(InputError, match="does not split"):
         index.explain(query_embeddings=torch.randn(1, 10))
 
@@ -314,3 +315,14 @@ def test_output_picks_the_embedding_of_a_model_returning_a_dict(gallery, queries
     torch.testing.assert_close(index.embeddings, plain.embeddings)
     first, second = index.explain(queries, top_k=3), plain.explain(queries, top_k=3)
     torch.testing.assert_close(first.gallery_maps, second.gallery_maps, rtol=0, atol=1e-6)
+
+
+def test_the_result_plots_a_query_with_its_matches_and_names_the_method(gallery, queries):
+    index = GalleryIndex.build(conv_net(), gallery)
+    result = index.explain(queries, top_k=3, method="gradcam_cosine")
+    figure = result.plot(1, query_title="q")
+    titles = [axis.get_title() for axis in figure.axes if axis.get_images()]
+    assert titles[0] == "q" and len(titles) == 7  # the query, its 3 maps, 3 matches
+    assert "gradcam_cosine" in figure._suptitle.get_text()
+    assert result.match_names(1) == [str(int(r)) for r in result.indices[1]]
+    assert result.to_dict(1)["labels"] is None

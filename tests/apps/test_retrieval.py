@@ -54,12 +54,16 @@ def test_explain_matches_equals_the_pair_attribution():
     raw = attribution.attribute_tuples(
         (query.expand(2, -1, -1, -1), matches), target=torch.tensor([True, True])
     )
+    torch.testing.assert_close(result.query_maps[0], raw.maps[:, 0])
+    torch.testing.assert_close(result.gallery_maps[0], raw.maps[:, 1])
     expected = image_maps(raw.maps, (64, 64))
-    torch.testing.assert_close(result.query_maps, expected[:, 0])
-    torch.testing.assert_close(result.gallery_maps, expected[:, 1])
+    query_maps, gallery_maps = result.image_maps(0)
+    torch.testing.assert_close(query_maps, expected[:, 0])
+    torch.testing.assert_close(gallery_maps, expected[:, 1])
     with torch.no_grad():
         f = F.normalize(model(torch.cat([query[None], matches])), dim=-1)
-    torch.testing.assert_close(result.similarities, f[1:] @ f[0])
+    torch.testing.assert_close(result.similarities[0], f[1:] @ f[0])
+    assert result.method == "contribution" and result.layer == "layer4"
     figure = result.plot(query_title="q")
     titles = [ax.get_title() for ax in figure.axes if ax.get_images()]
     assert titles[:3] == ["q", "q vs #1", "q vs #2"] and titles[3].startswith("#1 a\ncos = ")
@@ -73,9 +77,10 @@ def test_explain_matches_with_a_decomposition():
     result = explain_matches(method, query, matches)
     own = method.explain((query.expand(2, -1, -1, -1), matches))  # signed, sums to the cosine
     expected = image_maps(own, (8, 8))
-    torch.testing.assert_close(result.query_maps, expected[:, 0], rtol=0, atol=0)
-    torch.testing.assert_close(result.gallery_maps, expected[:, 1], rtol=0, atol=0)
-    torch.testing.assert_close(result.similarities, own[:, 1].sum(dim=(-2, -1)))
+    query_maps, gallery_maps = result.image_maps(0)
+    torch.testing.assert_close(query_maps, expected[:, 0], rtol=0, atol=0)
+    torch.testing.assert_close(gallery_maps, expected[:, 1], rtol=0, atol=0)
+    torch.testing.assert_close(result.similarities[0], own[:, 1].sum(dim=(-2, -1)))
 
 
 def test_explainer_takes_the_gallery_as_reference_and_the_method_options():

@@ -216,9 +216,8 @@ def _application_cases(out: dict) -> None:
     attr = EmbeddingAttribution(net, "act", method="sam")
     query, matches = images(1, 1, seed=40)[0][0], images(1, 3, seed=41)[0]
     result = explain_matches(attr, query, matches)
-    out["retrieval.query_maps"] = result.query_maps
-    out["retrieval.gallery_maps"] = result.gallery_maps
-    out["retrieval.similarities"] = result.similarities
+    out["retrieval.query_maps"], out["retrieval.gallery_maps"] = result.image_maps(0)
+    out["retrieval.similarities"] = result.similarities[0]
 
     test, supports = images(1, 1, seed=42)[0][0], images(1, 3, seed=43)[0]
     negative = images(1, 1, seed=44)[0][0]

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from torch import Tensor
 
 from ...engine.maps import image_maps
+from ...errors import InputError
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -49,7 +50,9 @@ class RetrievalFailures:
 
 @dataclass
 class RetrievalResult:
-    """Queries, their top ``k`` gallery matches, and the maps of every (query, match) pair.
+    """Queries, their top ``k`` gallery matches, and the maps of every (query, match) pair:
+    what :meth:`GalleryIndex.explain <simexplain.GalleryIndex.explain>` and
+    :func:`~simexplain.explain_matches` return.
 
     Attributes:
         indices: ``(Q, k)`` gallery rows of the matches, best first.
@@ -61,8 +64,12 @@ class RetrievalResult:
         method: the method that made the maps.
         layer: the layer explained.
         failures: the failed queries explained, when labels were given on both sides.
-        query_images: ``(Q, C, H, W)`` the queries as the model saw them, or ``None``.
-        index: the gallery index searched (names, labels, images).
+        query_images: ``(Q, C, H, W)`` the queries as the model saw it, or ``None``.
+        index: the gallery index searched (names, labels, images), or ``None``.
+        match_images: ``(Q, k, C, H, W)`` the matches, when there is no index to read
+            them from.
+        names: a name per match of each query, when there is no index to name them.
+        mean, std: the images' normalisation, undone for display (default: the index's).
     """
 
     indices: Tensor
@@ -72,50 +79,77 @@ class RetrievalResult:
     scores: Tensor
     method: str
     layer: str
-    failures: Optional[RetrievalFailures]
-    query_images: Optional[Tensor]
-    index: "GalleryIndex"
+    failures: Optional[RetrievalFailures] = None
+    query_images: Optional[Tensor] = None
+    index: Optional["GalleryIndex"] = None
+    match_images: Optional[Tensor] = None
+    names: Optional[list[list[str]]] = None
+    mean: Optional[Sequence[float]] = None
+    std: Optional[Sequence[float]] = None
 
     def __len__(self) -> int:
         return int(self.indices.shape[0])
 
+    def image_size(self) -> tuple[int, int]:
+        """The input images' ``(H, W)``."""
+        for images in (self.query_images, self.match_images):
+            if images is not None:
+                return int(images.shape[-2]), int(images.shape[-1])
+        if self.index is None:
+            raise InputError("the result has no images nor index to size its maps by")
+        shape = self.index.manifest["image_shape"]
+        return int(shape[-2]), int(shape[-1])
+
     def image_maps(self, query: int) -> tuple[Optional[Tensor], Tensor]:
         """Query ``query``'s maps ``(k, H, W)`` and its matches' maps, upsampled to the
         images and scaled to [0, 1] each."""
-        size = tuple(self.index.manifest["image_shape"][-2:])
+        size = self.image_size()
         query_maps = None if self.query_maps is None else image_maps(self.query_maps[query], size)
         return query_maps, image_maps(self.gallery_maps[query], size)
 
     def match_names(self, query: int) -> list[str]:
         """The names of query ``query``'s matches (file paths, or gallery rows)."""
-        return [self.index.names[int(row)] for row in self.indices[query]]
+        if self.names is not None:
+            return list(self.names[query])
+        if self.index is not None:
+            return [self.index.names[int(row)] for row in self.indices[query]]
+        return [f"#{int(row)}" for row in self.indices[query]]
+
+    def matches(self, query: int) -> Tensor:
+        """Query ``query``'s matched images ``(k, C, H, W)``."""
+        if self.match_images is not None:
+            return self.match_images[query]
+        if self.index is None:
+            raise InputError("the result has neither the matches' images nor an index")
+        return self.index.gallery_images(self.indices[query].tolist())
 
     def plot(self, query: int = 0, query_title: str = "query", cmap: str = "jet",
              alpha: float = 0.5) -> "Figure":
         """Query ``query`` and its matches with their maps
         (:func:`~simexplain.viz.plot_retrieval`); needs the query and gallery images."""
-        from ...errors import InputError
         from ...viz.figures import plot_retrieval
 
         if self.query_images is None:
             raise InputError("queries given as embeddings have no image to plot")
         query_maps, gallery_maps = self.image_maps(query)
-        preprocessing = self.index.source.preprocessing if self.index.source else None
+        mean, std = self.mean, self.std
+        source = self.index.source if self.index is not None else None
+        if mean is None and source is not None and source.preprocessing is not None:
+            mean, std = source.preprocessing.mean, source.preprocessing.std
+        names = [_short(n) for n in self.match_names(query)] if self.names is not None or \
+            self.index is not None else None
         return plot_retrieval(
-            self.query_images[query], self.index.gallery_images(self.indices[query].tolist()),
-            query_maps, gallery_maps, self.similarities[query],
-            mean=preprocessing.mean if preprocessing else None,
-            std=preprocessing.std if preprocessing else None,
-            gallery_titles=[_short(n) for n in self.match_names(query)],
+            self.query_images[query], self.matches(query), query_maps, gallery_maps,
+            self.similarities[query], mean=mean, std=std, gallery_titles=names,
             query_title=query_title, cmap=cmap, alpha=alpha, method=self.method,
         )
 
     def to_dict(self, query: int) -> dict[str, Any]:
         """Query ``query``'s matches as plain data (names, similarities, labels)."""
-        labels = self.index.labels
+        labels = self.index.labels if self.index is not None else None
         rows = [int(r) for r in self.indices[query]]
         return {
-            "matches": [self.index.names[r] for r in rows],
+            "matches": self.match_names(query),
             "similarities": [round(float(s), 6) for s in self.similarities[query]],
             "labels": None if labels is None else [labels[r] for r in rows],
         }

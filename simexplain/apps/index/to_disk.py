@@ -64,7 +64,7 @@ def retrieve_to_disk(
             or DataLoader, a folder with class sub-folders, files); labels come from the
             source unless ``labels`` is given.
         out: the output folder (created; a rerun into it resumes).
-        top_k, method, **method_options: as for :meth:`GalleryIndex.explain`.
+        top_k, method, method_options: as for :meth:`GalleryIndex.explain`.
         block_size: queries per block (the unit of resuming and of sharing by ranks).
         batch_size, num_workers: how query images are read.
         progress: a progress bar on rank 0 (``None``: when stderr is a terminal).

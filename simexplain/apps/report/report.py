@@ -266,6 +266,7 @@ def retrieval_report(
         for q, (row, sims) in enumerate(zip(indices.tolist(), similarities.tolist())):
             images = preprocess_images([queries[q]] + [gallery[i] for i in row], preprocessing)
             explained = explain_matches(attribution, images[0], images[1:])
+            query_maps, match_maps = explained.image_maps(0)
             points: list[Optional[Tensor]] = [None] * len(row)
             if point_method is not None:
                 try:
@@ -278,8 +279,8 @@ def retrieval_report(
                     label=gallery_labels[i],
                     similarity=float(sim),
                     image=images[1 + k],
-                    match_map=explained.gallery_maps[k],
-                    query_map=explained.query_maps[k],
+                    match_map=match_maps[k],
+                    query_map=query_maps[k],
                     point_maps=points[k],
                 )
                 for k, (i, sim) in enumerate(zip(row, sims))
