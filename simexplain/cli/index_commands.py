@@ -22,8 +22,11 @@ def add_index_commands(commands: Any, model_options: argparse.ArgumentParser,
                        retrieval_options: argparse.ArgumentParser) -> None:
     """Add the ``index`` and ``retrieve`` sub-commands."""
     labelled = "(images in sub-folders are labelled with the sub-folder's name)"
+    workers = argparse.ArgumentParser(add_help=False)
+    workers.add_argument("--num-workers", type=int, default=0, metavar="N",
+                         help="DataLoader worker processes reading the images (default 0)")
     index = commands.add_parser(
-        "index", parents=[model_options, retrieval_options],
+        "index", parents=[model_options, retrieval_options, workers],
         help="embed a gallery once and keep what its maps need (resumable; torchrun-ready)",
         description="Embed every gallery image once and store its embedding and the "
         "activations its maps need, in memory-mapped shards under --out. Rerun the same "
@@ -37,10 +40,8 @@ def add_index_commands(commands: Any, model_options: argparse.ArgumentParser,
                        "image; float32 gives maps equal to the full model's)")
     index.add_argument("--shard-size", type=int, default=1024, metavar="N",
                        help="gallery images per shard (default 1024)")
-    index.add_argument("--num-workers", type=int, default=0, metavar="N",
-                       help="DataLoader worker processes reading the images (default 0)")
     retrieve = commands.add_parser(
-        "retrieve", parents=[model_options, retrieval_options],
+        "retrieve", parents=[model_options, retrieval_options, workers],
         help="search an index for every query and explain each match (and each failure)",
         description="For every query, find its top-k matches in the index and explain each "
         "(query, match) pair from the stored activations. Writes the maps (readable with "
@@ -53,8 +54,6 @@ def add_index_commands(commands: Any, model_options: argparse.ArgumentParser,
     retrieve.add_argument("--out", required=True, metavar="OUT_DIR", help="output folder")
     retrieve.add_argument("--block-size", type=int, default=64, metavar="N",
                           help="queries per block, the unit of resuming (default 64)")
-    retrieve.add_argument("--num-workers", type=int, default=0, metavar="N",
-                          help="DataLoader worker processes reading the images (default 0)")
     retrieve.add_argument("--no-report", action="store_true", help="skip the HTML report")
 
 

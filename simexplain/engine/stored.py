@@ -12,7 +12,7 @@ rounding; float16 storage rounds the activations to 11 significant bits first.
 from __future__ import annotations
 
 import weakref
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -28,8 +28,8 @@ from .outputs import OutputSpec, select_output
 from .score import SimilarityScore
 from .state import model_device, model_dtype, preserved_state
 
-__all__ = ["head_split", "run_trunk", "head_embeddings", "attribute_stored", "attribute_against",
-           "STORED_CHUNK_SIZE"]
+__all__ = ["head_split", "run_trunk", "head_embeddings", "stored_chunks", "layer_leaf",
+           "attribute_stored", "attribute_against", "STORED_CHUNK_SIZE"]
 
 #: Tuples per head pass when ``chunk_size`` is not given: the head is a small part of the
 #: model, so chunks can hold more tuples than a full forward's.
@@ -72,6 +72,31 @@ def head_embeddings(value: Any, count: int, output: OutputSpec = None) -> Tensor
     return finite_embeddings(select_output(value, output, count), count)
 
 
+def stored_chunks(
+    model: nn.Module, split: HeadSplit, slots: Sequence[Sequence[Tensor]],
+    chunk_size: Optional[int] = None,
+) -> Iterator[tuple[int, int, list[Tensor]]]:
+    """``(start, stop, values)`` for each chunk of ``chunk_size`` tuples (default
+    :data:`STORED_CHUNK_SIZE`): the crossing values of their images, slot-major, in the
+    model's device and dtype, ready for ``split.head``."""
+    batch = slots[0][0].shape[0]
+    chunk = chunk_size or STORED_CHUNK_SIZE
+    device = model_device(model) or torch.device("cpu")
+    dtype = model_dtype(model) or torch.float32
+    for start in range(0, batch, chunk):
+        stop = min(start + chunk, batch)
+        yield start, stop, [torch.cat([slot[k][start:stop] for slot in slots]).to(device, dtype)
+                            for k in range(len(split.names))]
+
+
+def layer_leaf(split: HeadSplit, values: list[Tensor]) -> Tensor:
+    """The layer's output among ``values`` as a leaf that requires grad; ``values`` then
+    holds a clone of it, since the head may write into its inputs."""
+    activation = values[split.activation_index].detach().requires_grad_()
+    values[split.activation_index] = activation.clone()
+    return activation
+
+
 def attribute_stored(
     engine: SimilarityEngine,
     split: HeadSplit,
@@ -98,20 +123,10 @@ def attribute_stored(
     """
     count, batch = len(slots), slots[0][0].shape[0]
     score = score.bind(count, batch)
-    chunk = chunk_size or STORED_CHUNK_SIZE
-    device = model_device(engine.model) or torch.device("cpu")
-    dtype = model_dtype(engine.model) or torch.float32
     parts = []
     with engine.session(*score.modules()):
-        for start in range(0, batch, chunk):
-            stop = min(start + chunk, batch)
-            values = [
-                torch.cat([slot[k][start:stop] for slot in slots]).to(device, dtype)
-                for k in range(len(split.names))
-            ]
-            activation = values[split.activation_index].detach().requires_grad_()
-            # The head may write into its inputs: a clone shields the leaf.
-            values[split.activation_index] = activation.clone()
+        for start, stop, values in stored_chunks(engine.model, split, slots, chunk_size):
+            activation = layer_leaf(split, values)
             embeddings = head_embeddings(split.head(*values), values[0].shape[0], engine.output)
             parts.append(engine.maps_of(activation, embeddings, count,
                                         score.chunk(start, stop), layer, image_hw, relu))
@@ -133,18 +148,11 @@ def attribute_against(
     """Maps ``(B, h, w)`` and scores ``(B,)`` of images given by their crossing values,
     each paired with a partner given only as an embedding ``(B, d)`` (a query without an
     image): ``score``'s pair with the partner in slot 0, explained in slot 1."""
-    batch = partners.shape[0]
-    score = score.bind(2, batch)
-    chunk = chunk_size or STORED_CHUNK_SIZE
-    device = model_device(engine.model) or torch.device("cpu")
-    dtype = model_dtype(engine.model) or torch.float32
+    score = score.bind(2, partners.shape[0])
     maps, values = [], []
     with engine.session(*score.modules()):
-        for start in range(0, batch, chunk):
-            stop = min(start + chunk, batch)
-            inputs = [c[start:stop].to(device, dtype) for c in crossing]
-            activation = inputs[split.activation_index].detach().requires_grad_()
-            inputs[split.activation_index] = activation.clone()
+        for start, stop, inputs in stored_chunks(engine.model, split, [crossing], chunk_size):
+            activation = layer_leaf(split, inputs)
             embeddings = full_precision(
                 head_embeddings(split.head(*inputs), stop - start, engine.output))
             pair = torch.stack([partners[start:stop].to(embeddings), embeddings])

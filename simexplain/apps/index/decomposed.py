@@ -14,8 +14,8 @@ from torch import Tensor
 from ...engine.engine import TupleResult
 from ...engine.head_split import HeadSplit
 from ...engine.layouts import FeatureLayer
-from ...engine.state import model_device, model_dtype, preserved_state
-from ...engine.stored import STORED_CHUNK_SIZE, head_embeddings
+from ...engine.state import preserved_state
+from ...engine.stored import head_embeddings, stored_chunks
 from ...methods.decomposition import Stylianou
 from ..method_runner import decomposition_result
 
@@ -36,16 +36,10 @@ def decompose_stored(
     """``method``'s signed maps of tuples given by their crossing values (as
     :func:`~simexplain.engine.stored.attribute_stored` takes them)."""
     model = method.engine.model
-    device = model_device(model) or torch.device("cpu")
-    dtype = model_dtype(model) or torch.float32
     count, batch = len(slots), slots[0][0].shape[0]
-    chunk = chunk_size or STORED_CHUNK_SIZE
     maps, embeddings = [], []
     with preserved_state(model, eval_mode=True), torch.no_grad():
-        for start in range(0, batch, chunk):
-            stop = min(start + chunk, batch)
-            values = [torch.cat([slot[k][start:stop] for slot in slots]).to(device, dtype)
-                      for k in range(len(split.names))]
+        for start, stop, values in stored_chunks(model, split, slots, chunk_size):
             activation = values[split.activation_index].clone()
             output = head_embeddings(split.head(*values), values[0].shape[0],
                                      method.engine.output)

@@ -81,7 +81,8 @@ def explain_queries(
     name = method or DEFAULT_METHOD
     built, run_options = _built_method(index, name, method_options)
     images = None if queries is None else _query_images(index, queries)
-    count = images.shape[0] if images is not None else _embeddings(query_embeddings).shape[0]
+    embeddings = None if query_embeddings is None else _embeddings(query_embeddings)
+    count = images.shape[0] if images is not None else embeddings.shape[0]
     if labels is not None and len(labels) != count:
         raise InputError(f"labels has {len(labels)} entries for {count} queries; pass one "
                          "label per query")
@@ -95,8 +96,8 @@ def explain_queries(
                                           block_labels, approximate, chunk_size)
         else:
             done[start] = _explain_embeddings(index, built, run_options,
-                                              _embeddings(query_embeddings)[start:stop], top_k,
-                                              approximate, chunk_size)
+                                              embeddings[start:stop], top_k, approximate,
+                                              chunk_size)
         if done[start][1] is not None:
             done[start][1].queries += start
     if across_ranks:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from ...engine.maps import image_maps
+from ..report.site import FailureEntry, MatchEntry, QueryEntry, ReportSiteWriter
 from .to_disk import iter_blocks
 
 if TYPE_CHECKING:
@@ -24,8 +25,6 @@ __all__ = ["write_site"]
 def write_site(index: "GalleryIndex", out: Path, queries: "GallerySource",
                folder_name: str = "report") -> Path:
     """Write ``out/report/`` for the run in ``out`` whose queries are ``queries``."""
-    from ..report import FailureEntry, MatchEntry, QueryEntry, ReportSiteWriter
-
     size = tuple(index.manifest["image_shape"][-2:])
     preprocessing = queries.preprocessing or (index.source.preprocessing
                                               if index.source is not None else None)
@@ -40,13 +39,12 @@ def write_site(index: "GalleryIndex", out: Path, queries: "GallerySource",
     with writer:
         for block in (first, *blocks):
             for q in range(block["indices"].shape[0]):
-                writer.add(_entry(index, queries, block, q, size, QueryEntry, MatchEntry,
-                                  FailureEntry))
+                writer.add(_entry(index, queries, block, q, size))
     return Path(out) / folder_name
 
 
 def _entry(index: "GalleryIndex", queries: "GallerySource", block: dict, q: int,
-           size: tuple, QueryEntry: Any, MatchEntry: Any, FailureEntry: Any) -> Any:
+           size: tuple) -> QueryEntry:
     row = block["start"] + q
     rows = [int(r) for r in block["indices"][q]]
     gallery = index.gallery_images(rows) if index.source is not None else None
@@ -64,11 +62,10 @@ def _entry(index: "GalleryIndex", queries: "GallerySource", block: dict, q: int,
     return QueryEntry(name=queries.names[row],
                       label=_label(None if query_labels is None else query_labels[q]),
                       image=queries.images([row])[0], matches=matches,
-                      failure=_failure(index, block, q, size, FailureEntry))
+                      failure=_failure(index, block, q, size))
 
 
-def _failure(index: "GalleryIndex", block: dict, q: int, size: tuple,
-             FailureEntry: Any) -> Optional[Any]:
+def _failure(index: "GalleryIndex", block: dict, q: int, size: tuple) -> Optional[FailureEntry]:
     failures = block["failures"]
     if failures is None or index.labels is None:
         return None

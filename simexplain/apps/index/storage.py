@@ -158,19 +158,22 @@ class RowStore:
         rows_np = rows.cpu().numpy()
         shard_of = np.searchsorted(bounds, rows_np, side="right") - 1
         count = sum(1 for name in self._arrays(0) if name.startswith("crossing-"))
-        gathered: list[list[Optional[Tensor]]] = [[None] * len(rows_np) for _ in range(count)]
+        parts: list[list[Tensor]] = [[] for _ in range(count)]
+        positions = []
         for number in np.unique(shard_of):
             arrays = self._arrays(int(number))
             where = np.nonzero(shard_of == number)[0]
-            local = torch.from_numpy(rows_np[where] - bounds[number]) if self.path is None \
-                else rows_np[where] - bounds[number]
+            local = rows_np[where] - bounds[number]
+            if self.path is None:
+                local = torch.from_numpy(local)
             scales = _as_tensor(arrays["scales"][local], torch.float32)
             for k in range(count):
                 stored = _as_tensor(arrays[f"crossing-{k}"][local], self.dtype)
-                decoded = decode_rows(stored, scales[:, k])
-                for position, row in zip(where, decoded):
-                    gathered[k][position] = row
-        return tuple(torch.stack([r for r in rows_k if r is not None]) for rows_k in gathered)
+                parts[k].append(decode_rows(stored, scales[:, k]))
+            positions.append(where)
+        # rows were read shard by shard: put them back in the order asked for
+        order = torch.from_numpy(np.argsort(np.concatenate(positions), kind="stable"))
+        return tuple(torch.cat(part)[order] for part in parts)
 
     def disk_bytes(self) -> int:
         """Bytes the store takes on disk (0 in memory)."""
