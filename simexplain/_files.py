@@ -1,13 +1,15 @@
-"""Writing files atomically: a reader sees the old file or the complete new one, never a part."""
+"""Writing files and folders atomically: a reader sees the old one or the complete new one,
+never a part."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from pathlib import Path
 from typing import IO, Any, Callable, Union
 
-__all__ = ["atomic_write"]
+__all__ = ["atomic_write", "swap_into_place"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -47,3 +49,21 @@ def _fsync_directory(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def swap_into_place(building: PathLike, out: PathLike) -> None:
+    """Rename the folder ``building`` to ``out``; an old ``out`` is moved aside first (and put
+    back if the rename fails), then deleted."""
+    building, out = Path(building), Path(out)
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(out, old)
+    try:
+        os.replace(building, out)
+    except BaseException:
+        if old is not None:
+            os.replace(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -22,3 +22,16 @@ def sized(mean=IMAGENET_MEAN, std=IMAGENET_STD, size=64) -> Preprocessing:
         [T.Resize(size), T.CenterCrop(size), T.ToTensor(), T.Normalize(mean, std)]
     )
     return Preprocessing(pipeline, tuple(mean), tuple(std))
+
+
+def write_labelled_folders(root, counts):
+    """Under ``root``, for each ``split: n`` of ``counts``, ``split/cat/`` and ``split/dog/``
+    with ``n`` images each (seeds 1, 2, ... in order); returns ``root``."""
+    seed = 0
+    for split, count in counts.items():
+        for label in ("cat", "dog"):
+            (root / split / label).mkdir(parents=True)
+            for i in range(count):
+                seed += 1
+                write_image(root / split / label / f"{i}.png", seed=seed)
+    return root

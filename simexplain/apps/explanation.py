@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -24,9 +24,11 @@ from ..engine.state import model_device, model_dtype
 from ..engine.target_layer import LayerSpec
 from ..engine.tuples import ROLES, check_labels
 from ..errors import InputError
+from ..methods.base import get_method
 from ..methods.criteria import WeightFn
 from ..methods.defaults import DEFAULT_METHOD
 from .method_runner import build_method, run_method
+from .onnx_model import as_model, is_onnx_model, no_gradients_error
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -64,7 +66,9 @@ class Explanation:
             variants), else ``None``.
         embeddings: ``(B, T, d)`` L2-normalised embeddings.
         labels: ``(B, T)`` the labels given, if any.
-        layer: the name of the layer explained.
+        layer: the name of the layer explained; ``""`` for a black-box method
+            (``"sbsm"``, ``"rise"``), whose ``raw_maps`` are at its masks' resolution: the
+            grid of window positions (``"sbsm"``) or the input's pixels (``"rise"``).
         mean, std: the normalisation of ``images``, used to display them.
         method: the explanation method that made the maps (a name of
             :data:`~simexplain.methods.METHODS`).
@@ -113,9 +117,12 @@ class Explanation:
 
 
 Images = Union[Tensor, Sequence[Union[Tensor, ImageLike]]]
+#: A model: a PyTorch module, or for the black-box methods any callable images -> embeddings,
+#: a ``.onnx`` file or an ONNX Runtime session.
+Model = Union[nn.Module, Callable[[Tensor], Any], str, "os.PathLike[str]"]
 
 
-def _as_batch(model: nn.Module, imgs: Images, transform: Any) -> tuple[Tensor, Any]:
+def _as_batch(model: Model, imgs: Images, transform: Any) -> tuple[Tensor, Any]:
     """``(B, T, C, H, W)`` inputs and the preprocessing used (``None`` for tensors)."""
     if isinstance(imgs, Tensor):
         if not imgs.is_floating_point():
@@ -150,7 +157,7 @@ def _as_batch(model: nn.Module, imgs: Images, transform: Any) -> tuple[Tensor, A
 
 
 def explain(
-    model: nn.Module,
+    model: Model,
     imgs: Images,
     labels: Any = None,
     layer: LayerSpec = None,
@@ -167,7 +174,10 @@ def explain(
     """Explain why ``model`` embeds the images of a tuple close together or far apart.
 
     Args:
-        model: maps images ``(N, C, H, W)`` to embeddings ``(N, d)``.
+        model: maps images ``(N, C, H, W)`` to embeddings ``(N, d)``: a PyTorch module
+            (``nn.Module``, what the gradient methods hook), or for the black-box methods
+            (``"sbsm"``, ``"rise"``) any callable, e.g. a function calling a service, a
+            ``.onnx`` file or an ``onnxruntime.InferenceSession`` (the ``onnx`` extra).
         imgs: one tuple as a tensor ``(T, C, H, W)``, a batch of tuples
             ``(B, T, C, H, W)``, or a list of ``T`` image paths / PIL images (then
             preprocessed like the model expects: ``transform``, timm's data config, or
@@ -185,7 +195,10 @@ def explain(
             make them more similar; ``"sam"`` is the paper's formula, whose
             maps barely depend on the partner for L2-normalised high-dimensional
             embeddings (docs/method.rst); ``"stylianou"`` and ``"point_specific"`` are
-            exact decompositions of the cosine for globally average pooled models.
+            exact decompositions of the cosine for globally average pooled models;
+            ``"sbsm"`` and ``"rise"`` are black-box methods for models without gradients
+            (docs/blackbox.rst): they hide parts of each image and map how the criterion
+            drops, at the cost of many forward passes per image.
         reference: for the methods that take one (the default, ``"psam"``, which needs
             it, ``"sam_contrib"``, ``"stylianou"``): embeddings ``(N, d)`` or images
             ``(N, C, H, W)`` like the ones explained (a gallery, a few hundred images of
@@ -203,7 +216,8 @@ def explain(
         output: for a model that returns more than the embedding (a dict, a tuple, a
             Hugging Face ``ModelOutput``), what picks the embedding from its output: a
             key (``"pooler_output"``, a dict entry or an attribute), an index (``0``) or
-            a callable (``lambda out: out.image_embeds``).
+            a callable (``lambda out: out.image_embeds``); for an ONNX model, the name or
+            index of its embedding output.
         **method_options: the method's own options, given where it takes them: when it
             is built (``head=`` for ``"bce_gradcam"``, a trained pair classifier;
             ``head=`` for ``"stylianou"``, its linear head; the engine's ``layout=``,
@@ -229,7 +243,12 @@ def explain(
         >>> torch.allclose(exp.scores, exp.raw_maps.sum(dim=(-2, -1)))  # shares of the margin
         True
     """
-    check_model(model)
+    if is_onnx_model(model):
+        if not get_method(method).blackbox:
+            raise no_gradients_error(method)
+        model, output = as_model(model, output), None
+    elif not get_method(method).blackbox:
+        check_model(model)
     batch_images, preprocessing = _as_batch(model, imgs, transform)
     batch, count = batch_images.shape[:2]
     if not 2 <= count <= 4:
@@ -255,8 +274,10 @@ def explain(
     if output is not None:
         method_options["output"] = output
     built, run_options = build_method(method, model, layer, **method_options)
-    device = model_device(model) or torch.device("cpu")
-    dtype = model_dtype(model) or batch_images.dtype
+    device, dtype = batch_images.device, batch_images.dtype
+    if isinstance(model, nn.Module):  # a function is given the images as they are
+        device = model_device(model) or torch.device("cpu")
+        dtype = model_dtype(model) or dtype
     slots = batch_images.to(device=device, dtype=dtype).unbind(1)
     result = run_method(built, slots, target, relu=relu, chunk_size=chunk_size, **run_options)
     maps = image_maps(result.maps, batch_images.shape[-2:])

@@ -12,7 +12,9 @@ kind:
 * a decomposition (``stylianou``, ``point_specific``: no score, no gradient) through its
   own ``explain``; each image's score is then its map's sum, its share of the tuple's
   criterion, and different-class pairs change sign, explaining their dissimilarity as
-  the cosine methods do.
+  the cosine methods do;
+* a black-box method (``sbsm``, ``rise``: any callable model, no layer) through its own
+  ``run``, with the cosine methods' criterion as each image's score.
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ from ..engine.target_layer import LayerSpec
 from ..engine.tuples import check_target, tuple_kind
 from ..errors import InputError
 from ..methods.base import (
-    ENGINE_OPTIONS,
     SimilarityMethod,
     check_method_options,
     named_parameters,
@@ -59,7 +60,7 @@ def option_names(cls: type[SimilarityMethod]) -> tuple[frozenset[str], frozenset
     run = cls.score if cls.has_score() else cls.explain
     # (self, target) of a score, (self, tuples) of an explain
     at_run = set(named_parameters(run)[2:]) - _APPLICATION_ARGUMENTS
-    return frozenset(built | set(ENGINE_OPTIONS)), frozenset(at_run)
+    return frozenset(built | set(cls.base_options)), frozenset(at_run)
 
 
 def required_inputs(cls: type[SimilarityMethod]) -> dict[str, str]:
@@ -130,6 +131,8 @@ def run_method(
         **options: the method's run options (its score's, or its ``explain``'s).
     """
     method.check_sizes(slots)
+    if method.blackbox:
+        return _black_box(method, slots, target, relu, chunk_size, forward_args, options)
     if method.has_score():
         score = method.checked_score(target, **options)
         result = method.engine.attribute(
@@ -147,6 +150,29 @@ def run_method(
     check_method_options(method.name, "options", option_names(type(method))[1], options)
     return _decomposition(method, method.checked_tuples(slots), target, relu, chunk_size,
                           options)
+
+
+def _black_box(
+    method: SimilarityMethod,
+    slots: Sequence[Tensor],
+    target: Any,
+    relu: Optional[bool],
+    chunk_size: Optional[int],
+    forward_args: Any,
+    options: dict[str, Any],
+) -> TupleResult:
+    if forward_args is not None:
+        raise InputError(
+            f"method {method.name!r} is a black-box method; it calls the model on the "
+            "images alone, without extra forward arguments"
+        )
+    if chunk_size is not None:
+        raise InputError(
+            f"method {method.name!r} is a black-box method: it takes batch_size= (perturbed "
+            "images per forward pass) when built, not chunk_size="
+        )
+    check_method_options(method.name, "options", option_names(type(method))[1], options)
+    return method.run(slots, target, relu=relu, **options)
 
 
 def _decomposition(

@@ -71,6 +71,16 @@ class EmbeddingAttribution(LayerAttribution, GradientAttribution):
         method: Union[str, SimilarityMethod] = DEFAULT_METHOD,
         **options: Any,
     ) -> None:
+        if getattr(method, "blackbox", False) or (
+                isinstance(method, str) and get_method(method).blackbox):
+            name = method if isinstance(method, str) else method.name
+            raise InputError(
+                f"method {name!r} is a black-box method: it hides parts of the images and "
+                "reads no layer or gradient, so it is not a captum layer attribution. Run it "
+                f"with explain(model, images, labels, method={name!r}), which takes any "
+                f"callable model, or build it, get_method({name!r}).build(model), and call "
+                "its explain(tuples)"
+            )
         check_model(model)
         if isinstance(method, SimilarityMethod):
             if method.model is not model or layer is not None or options:

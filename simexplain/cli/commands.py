@@ -63,36 +63,55 @@ def _check_method(args: argparse.Namespace, given: Sequence[str] = ()) -> None:
     )
 
 
+#: ``explain``'s flags that are method options, by option name.
+_OPTION_FLAGS = {"point": "--point", "n_masks": "--n-masks", "window": "--window",
+                 "stride": "--stride"}
+
+
 def _method_options(args: argparse.Namespace) -> dict:
-    """``explain``'s method options from the command line: ``--point``."""
+    """``explain``'s method options from the command line: ``--point``, ``--n-masks``,
+    ``--window``, ``--stride``; a flag the method does not take is refused."""
     from ..apps.method_runner import option_names
     from ..methods.base import METHODS
 
-    if args.point is None:
-        return {}
-    if "point" not in option_names(METHODS[args.method])[1]:
-        takers = sorted(n for n, cls in METHODS.items() if "point" in option_names(cls)[1])
-        raise InputError(
-            f"--point is for --method {' or '.join(takers)}; --method {args.method} takes "
-            "no point"
-        )
-    return {"point": tuple(args.point)}
+    def takes(cls: type, name: str) -> bool:
+        return any(name in names for names in option_names(cls))
+
+    options = {name: getattr(args, name) for name in _OPTION_FLAGS
+               if getattr(args, name) is not None}
+    for name in options:
+        if not takes(METHODS[args.method], name):
+            takers = sorted(n for n, cls in METHODS.items() if takes(cls, name))
+            raise InputError(
+                f"{_OPTION_FLAGS[name]} is for --method {' or '.join(takers)}; --method "
+                f"{args.method} takes no {name.replace('_', ' ')}"
+            )
+    if "point" in options:
+        options["point"] = tuple(options["point"])
+    return options
 
 
 def _load(args: argparse.Namespace):
-    """The model (in eval mode, on the device) and its preprocessing."""
+    """The model (in eval mode, on the device; an ONNX model on onnxruntime's) and its
+    preprocessing."""
     from ..apps.models import load_model
     from ..data.preprocessing import resolve_preprocessing, square_preprocessing
+    from .onnx_models import is_onnx_file, load_onnx
 
     if args.size is not None and args.size < 8:
         raise InputError(f"--size must be at least 8 pixels, got {args.size}")
     device = _device(args.device)
-    model = load_model(
-        args.model, arch=args.arch, pretrained=args.pretrained, keep_head=args.keep_head
-    ).to(device)
+    size = None if args.size is None else (args.size, args.size)
+    if is_onnx_file(args.model):
+        model, fixed = load_onnx(args, device)
+        size = size or fixed
+    else:
+        model = load_model(
+            args.model, arch=args.arch, pretrained=args.pretrained, keep_head=args.keep_head
+        ).to(device)
     preprocessing = resolve_preprocessing(model)
-    if args.size is not None:
-        preprocessing = square_preprocessing(args.size, args.size, preprocessing.mean,
+    if size is not None:
+        preprocessing = square_preprocessing(max(size), size, preprocessing.mean,
                                              preprocessing.std)
     transform = _Transform(preprocessing.transform, preprocessing.mean, preprocessing.std)
     return model, preprocessing, transform
@@ -122,7 +141,8 @@ def explain_command(args: argparse.Namespace) -> int:
     exp = explain(model, images, labels=args.labels, layer=args.layer, transform=transform,
                   method=args.method, output=args.output, **options)
     scores = ", ".join(f"{role} {float(s):.3g}" for role, s in zip(exp.roles, exp.scores[0]))
-    print(f"{exp.kind.replace('_', ' ')} explained at layer {exp.layer!r}: scores {scores}")
+    where = f"at layer {exp.layer!r}" if exp.layer else f"by black-box method {exp.method!r}"
+    print(f"{exp.kind.replace('_', ' ')} explained {where}: scores {scores}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     exp.save(out, dpi=args.dpi)
@@ -230,11 +250,14 @@ def report_command(args: argparse.Namespace) -> int:
         point_maps=args.point_maps,
         batch_size=args.batch_size,
         cache=args.cache,
-        model_spec=args.model,
         progress=args.progress,
         title=args.title,
     )
     index = report.write(out)
+    if args.cache is not None:
+        reused = len(gallery) - (report.gallery_embedded or 0)
+        print(f"gallery index {args.cache}: {report.gallery_embedded} image(s) embedded, "
+              f"{reused} reused")
     if args.point_maps and report.point_maps_note:
         print(f"note: no point maps: {report.point_maps_note}", file=sys.stderr)
     print(f"wrote a report of {len(report.cards)} quer{'y' if len(report.cards) == 1 else 'ies'} "

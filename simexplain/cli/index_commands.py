@@ -30,8 +30,9 @@ def add_index_commands(commands: Any, model_options: argparse.ArgumentParser,
         help="embed a gallery once and keep what its maps need (resumable; torchrun-ready)",
         description="Embed every gallery image once and store its embedding and the "
         "activations its maps need, in memory-mapped shards under --out. Rerun the same "
-        "command after an interruption to resume. Run it under torchrun to share the "
-        "gallery between processes or GPUs.")
+        "command after an interruption to resume, or after the gallery changed to embed "
+        "only its new and changed files. Run it under torchrun to share the gallery "
+        "between processes or GPUs.")
     index.add_argument("gallery", nargs="+", metavar="GALLERY",
                        help=f"gallery image files or folders {labelled}")
     index.add_argument("--out", required=True, metavar="INDEX_DIR", help="index folder")
@@ -87,9 +88,15 @@ def index_command(args: argparse.Namespace) -> int:
     if distributed.is_main():
         how = "the head after the layer alone" if index.splits else \
             f"the full model ({index.fallback_reason})"
-        print(f"indexed {len(index)} images at layer {index.layer.name!r} "
-              f"({index.disk_bytes() / max(1, len(index)) / 1000:.0f} KB per image); "
-              f"matches are explained by {how}")
+        where = f"at layer {index.layer.name!r}" if index.layer is not None else \
+            "by their embeddings"
+        if index.blackbox:
+            how = "black-box methods, which perturb the gallery's images"
+        reused = f", {index.rows_reused} taken from the index already there" \
+            if index.rows_reused else ""
+        print(f"indexed {len(index)} images {where} "
+              f"({index.disk_bytes() / max(1, len(index)) / 1000:.0f} KB per image"
+              f"{reused}); matches are explained by {how}")
         print(f"wrote {args.out}")
     return 0
 
@@ -114,7 +121,8 @@ def retrieve_command(args: argparse.Namespace) -> int:
         recall = summary["recall_at_1"]
         extra = "" if recall is None else \
             f", Recall@1 {recall:.3f}, {summary['failures']} failures explained"
+        where = f"at layer {summary['layer']!r}" if summary["layer"] else "as a black box"
         print(f"explained {summary['queries']} queries x top {args.top_k} with "
-              f"{summary['method']} at layer {summary['layer']!r}{extra}")
+              f"{summary['method']} {where}{extra}")
         print(f"wrote {out}")
     return 0

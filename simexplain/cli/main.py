@@ -35,6 +35,7 @@ _ARGUMENTS_AS_FLAGS = (
     (re.compile(r"\boutput='([^']*)'"), r"--output \1"),
     (re.compile(r"\boutput=(-?[0-9]+)"), r"--output \1"),
     (re.compile(r"\boutput="), "--output"),
+    (re.compile(r"\bmethod='([^']*)'"), r"--method \1"),
 )
 
 
@@ -69,6 +70,9 @@ def _run(argv: list[str], command: bool) -> int:
             return demo_main(argv[1:], whole_process=command)
         args = build_parser().parse_args(argv)
         from . import commands, index_commands
+        from .onnx_models import resolve_method
+
+        resolve_method(args)
 
         run = {"explain": commands.explain_command, "report": commands.report_command,
                "index": index_commands.index_command,

@@ -7,7 +7,7 @@ import re
 from typing import Any
 
 from ..methods.base import METHODS
-from ..methods.defaults import DEFAULT_METHOD
+from ..methods.defaults import DEFAULT_BLACKBOX_METHOD, DEFAULT_METHOD
 
 __all__ = ["PROG", "UsageError", "build_parser", "output_spec"]
 
@@ -41,8 +41,9 @@ def _model_options() -> argparse.ArgumentParser:
         "--model",
         required=True,
         metavar="SPEC",
-        help="timm:NAME, torchvision:NAME, or a checkpoint file (.safetensors, a "
-        "torch.save'd state dict with --arch, or a torch.export.save'd .pt2 program)",
+        help="timm:NAME, torchvision:NAME, a checkpoint file (.safetensors, a "
+        "torch.save'd state dict with --arch, or a torch.export.save'd .pt2 program), or "
+        "an ONNX model (.onnx, the onnx extra), explained by black-box methods",
     )
     group.add_argument(
         "--arch",
@@ -70,20 +71,21 @@ def _model_options() -> argparse.ArgumentParser:
     group.add_argument("--layer", help="dotted name of the layer to explain (default: found)")
     group.add_argument(
         "--method",
-        default=DEFAULT_METHOD,
         choices=sorted(METHODS),
         help=f"explanation method (default {DEFAULT_METHOD}: partner-aware SAM, which "
         "shows what in each image matches the other; sam is the paper's formula, whose "
         "maps barely depend on the partner; stylianou and point_specific decompose the "
         "cosine of globally average pooled models; bce_gradcam needs a trained pair "
-        "classifier, which only Python can give)",
+        "classifier, which only Python can give; sbsm and rise hide parts of each image, "
+        f"black-box methods that need no gradient, the default for an ONNX model: "
+        f"{DEFAULT_BLACKBOX_METHOD})",
     )
     group.add_argument(
         "--size",
         type=int,
         metavar="PX",
         help="resize the shorter side to PX and centre-crop PX x PX (default: the "
-        "model's own preprocessing)",
+        "model's own preprocessing; for an ONNX model, the size its export fixes)",
     )
     group.add_argument(
         "--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)"
@@ -154,6 +156,25 @@ def _add_explain(commands: Any, model_options: argparse.ArgumentParser) -> None:
         "model's input (after --size or the model's preprocessing); the second image's "
         "map shows where it matches that point",
     )
+    explain.add_argument(
+        "--n-masks",
+        type=int,
+        metavar="N",
+        help="--method rise: random masks, forward passes per image (default 1000)",
+    )
+    explain.add_argument(
+        "--window",
+        type=int,
+        metavar="PX",
+        help="--method sbsm: the occluding window's side in pixels of the model's input "
+        "(default a quarter of the image side)",
+    )
+    explain.add_argument(
+        "--stride",
+        type=int,
+        metavar="PX",
+        help="--method sbsm: pixels between window centres (default half the window)",
+    )
     explain.add_argument("--out", default="simexplain.png", help="figure file (.png, .pdf, .svg)")
     explain.add_argument("--dpi", type=int, default=150, help="figure resolution (default 150)")
 
@@ -196,9 +217,10 @@ def _add_report(commands: Any, *parents: argparse.ArgumentParser) -> None:
     report.add_argument("--title", default="simexplain retrieval report", help="page title")
     report.add_argument(
         "--cache",
-        metavar="FILE",
-        help="safetensors file caching the gallery embeddings; reused while the gallery "
-        "files, the model weights and the preprocessing are unchanged",
+        metavar="DIR",
+        help="folder keeping the gallery's index (embeddings and activations) between "
+        "runs: the next run embeds only new and changed gallery files; other model weights "
+        "or another --size are refused (choose another folder)",
     )
     report.add_argument(
         "--point-maps",

@@ -61,10 +61,11 @@ def resolve_preprocessing(model: nn.Module, transform: Any = None) -> Preprocess
 
 
 def square_preprocessing(
-    resize: int, crop: int, mean: Sequence[float], std: Sequence[float]
+    resize: int, crop: "Union[int, tuple[int, int]]", mean: Sequence[float],
+    std: Sequence[float],
 ) -> Preprocessing:
-    """The shorter side resized to ``resize``, a centre crop ``crop x crop``, then
-    normalised with ``mean`` and ``std``.
+    """The shorter side resized to ``resize``, a centre crop ``crop x crop`` (or
+    ``(height, width)``), then normalised with ``mean`` and ``std``.
 
     >>> square_preprocessing(64, 56, (0.5,) * 3, (0.5,) * 3).mean
     (0.5, 0.5, 0.5)

@@ -39,11 +39,11 @@ def check_model(model: Any) -> None:
     hint = ""
     if callable(model):
         hint = (
-            "; gradient methods (all of simexplain's methods so far) hook the network's "
-            "layers, so pass the network itself, and if it returns more than the embedding "
-            "(a dict, a tuple, a Hugging Face output), pick the embedding with output= "
-            f"({OUTPUT_KINDS}) instead of wrapping the model in a function. Black-box "
-            "methods, which will take any callable, are planned"
+            "; gradient methods need a PyTorch module: they hook the network's layers, so "
+            "pass the network itself, and if it returns more than the embedding (a dict, a "
+            "tuple, a Hugging Face output), pick the embedding with output= "
+            f"({OUTPUT_KINDS}) instead of wrapping the model in a function. The black-box "
+            "methods, method='rise' or method='sbsm', take any callable images -> embeddings"
         )
     raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}{hint}")
 

@@ -30,6 +30,7 @@ from torch import Tensor, fx, nn
 from .embeddings import embedding_matrix as read_embeddings
 from .layouts import FeatureLayer
 from .outputs import OutputSpec, select_output
+from .token_narrowing import narrow_head
 
 __all__ = ["HeadSplit", "SplitFallback", "split_at_layer"]
 
@@ -46,15 +47,19 @@ class HeadSplit:
             own modules, so it follows their weights, device, dtype and mode.
         names: a name per crossing value (the traced graph's node names).
         activation_index: the position of the layer's output among the crossing values.
+        narrowed: whether the head computes only the tokens its output reads
+            (:mod:`~simexplain.engine.token_narrowing`).
     """
 
     trunk: fx.GraphModule
     head: fx.GraphModule
     names: tuple[str, ...]
     activation_index: int
+    narrowed: bool = False
 
     def __repr__(self) -> str:
-        return f"HeadSplit(crossing={self.names}, activation_index={self.activation_index})"
+        return (f"HeadSplit(crossing={self.names}, activation_index={self.activation_index}"
+                f"{', narrowed' if self.narrowed else ''})")
 
 
 @dataclass
@@ -103,7 +108,14 @@ def split_at_layer(
         if isinstance(cut, SplitFallback):
             return cut
         trunk, head, names, index = _build(model, graph, *cut)
-        return _checked(HeadSplit(trunk, head, names, index), model, probe, output)
+        checked = _checked(HeadSplit(trunk, head, names, index), model, probe, output)
+        if not isinstance(checked, tuple):
+            return checked
+        split, crossing = checked
+        narrowed = narrow_head(split.head, crossing, split.activation_index)
+        if narrowed is None:
+            return split
+        return HeadSplit(trunk, narrowed, names, index, narrowed=True)
 
 
 def _trace(model: nn.Module, layer_module: nn.Module) -> tuple[fx.Graph, str]:
@@ -239,9 +251,10 @@ def _copied(value: Any) -> Any:
 
 def _checked(
     split: HeadSplit, model: nn.Module, probe: Tensor, output: OutputSpec
-) -> Union[HeadSplit, SplitFallback]:
-    """The split, if its head reproduces the output on ``probe`` (and on part of it: a
-    head that read the batch size from the trunk would not), else why not."""
+) -> Union[tuple[HeadSplit, tuple[Tensor, ...]], SplitFallback]:
+    """The split and the probe's crossing values, if its head reproduces the output on
+    ``probe`` (and on part of it: a head that read the batch size from the trunk would
+    not), else why not."""
     def embedding_matrix(value: Any, count: int) -> Tensor:
         return read_embeddings(select_output(value, output, count), count)
 
@@ -269,7 +282,7 @@ def _checked(
             and _close(part, reference[1:])):
         return SplitFallback("the head after the cut does not reproduce the model's "
                              "embeddings on a probe batch")
-    return split
+    return split, tuple(crossing)
 
 
 def _close(a: Tensor, b: Tensor) -> bool:

@@ -36,7 +36,8 @@ def check_hookable(model: nn.Module) -> None:
                 f"{what} a TorchScript module ({type(module).__name__}), whose layers cannot "
                 "be hooked, so simexplain cannot read their maps; pass the eager nn.Module, "
                 f"or export it: {EXPORT_RECIPE}, and load it with simexplain's load_model or "
-                "pass torch.export.unflatten(ep)"
+                "pass torch.export.unflatten(ep); or explain it as a black box "
+                "(method='sbsm' or 'rise'), which needs no hooks"
             )
 
 
@@ -90,7 +91,10 @@ def frozen_norm_statistics(model: nn.Module) -> Iterator[None]:
 
 
 def model_device(model: nn.Module) -> Optional[torch.device]:
-    """The device of the model's first parameter (or buffer); ``None`` when it has neither."""
+    """The device of the model's first parameter (or buffer); ``None`` when it has neither,
+    or is not a module (a function, for the black-box methods)."""
+    if not isinstance(model, nn.Module):
+        return None
     for tensor in model.parameters():
         return tensor.device
     for tensor in model.buffers():
@@ -99,7 +103,10 @@ def model_device(model: nn.Module) -> Optional[torch.device]:
 
 
 def model_dtype(model: nn.Module) -> Optional[torch.dtype]:
-    """The dtype of the model's first floating-point parameter (or buffer); ``None`` if none."""
+    """The dtype of the model's first floating-point parameter (or buffer); ``None`` if none,
+    or if it is not a module."""
+    if not isinstance(model, nn.Module):
+        return None
     for tensor in itertools.chain(model.parameters(), model.buffers()):
         if tensor.is_floating_point():
             return tensor.dtype

@@ -23,6 +23,10 @@ name                what a map shows                                            
 ``stylianou``       each location's share of the cosine (Stylianou et al.)      2, 3, 4
 ``point_specific``  point-to-point similarity (Zhu et al. 2021)                 2 (3, 4)
 ``bce_gradcam``     GradCAM of a trained same/different pair classifier         2
+``sbsm``            how the criterion drops as each window is hidden            2, 3, 4
+                    (black box: any callable model, no layer)
+``rise``            how the criterion drops as each pixel is hidden under       2, 3, 4
+                    random masks (black box: any callable model, no layer)
 ==================  ==========================================================  ==========
 
 >>> import torch, torchvision
@@ -48,6 +52,7 @@ from .sam_variants import *  # noqa: F403
 from .cosine import *  # noqa: F403
 from .decomposition import *  # noqa: F403
 from .pair_classifier import *  # noqa: F403
+from .blackbox import RISE, SBSM, BlackBoxMethod  # noqa: F401  (registers "sbsm", "rise")
 
 __all__ = [
     *base.__all__,

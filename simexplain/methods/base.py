@@ -108,6 +108,12 @@ class SimilarityMethod:
     #: Whether the maps stay the same when the embedding space is rotated (an orthogonal
     #: map of the embedding changes no distance); checked by the property tests.
     rotation_invariant: ClassVar[bool] = False
+    #: Whether the method perturbs the images instead of reading a layer's gradient: it
+    #: then takes any callable model and no layer (:mod:`simexplain.methods.blackbox`).
+    blackbox: ClassVar[bool] = False
+    #: The options the constructor passes on to the base class through ``**options``:
+    #: the engine's for a gradient method.
+    base_options: ClassVar[tuple[str, ...]] = ENGINE_OPTIONS
 
     def __init__(self, model: nn.Module, layer: LayerSpec = None, **layer_options: Any) -> None:
         self.engine = SimilarityEngine(model, layer, **layer_options)
@@ -137,7 +143,7 @@ class SimilarityMethod:
     def build(cls, model: nn.Module, layer: LayerSpec = None, **options: Any) -> "SimilarityMethod":
         """The method for ``model``, with a clear error for options it does not take."""
         named = set(named_parameters(cls.__init__)) - {"self", "model", "layer"}
-        check_method_options(cls.name, "options", named | set(ENGINE_OPTIONS), options)
+        check_method_options(cls.name, "options", named | set(cls.base_options), options)
         missing = [n for n in required_options(cls) if n not in options and n != "layer"]
         if missing:
             raise InputError(

@@ -39,7 +39,7 @@ def reference_centre(
     """The mean L2-normalised embedding ``(d,)`` of ``reference``.
 
     Args:
-        model: the embedding model.
+        model: the embedding model (any callable when ``embed`` is given).
         reference: embeddings ``(N, d)`` (the model's outputs for reference images), or
             images ``(N, C, H, W)``, embedded here without a graph, ``_REFERENCE_BATCH``
             at a time.

@@ -33,8 +33,14 @@ def main(out: Path) -> None:
     result = index.explain(queries, top_k=3, labels=[(i + 1) % 5 for i in range(14)])
     retrieve_to_disk(index, queries, out / "run", top_k=3, block_size=4, report=False,
                      labels=[(i + 1) % 5 for i in range(14)])
+    changed = gallery.clone()
+    changed[5] += 1  # an update: built beside the index, swapped in by rank 0
+    updated = GalleryIndex.build(conv_net(), changed, path=out / "index", shard_size=8)
+    again = GalleryIndex.build(conv_net(), changed, path=out / "index", shard_size=8)
     if distributed.is_main():
         torch.save({"indices": result.indices, "similarities": result.similarities,
+                    "updated": updated.embeddings,
+                    "embedded": torch.tensor([updated.rows_embedded, again.rows_embedded]),
                     "query_maps": result.query_maps, "gallery_maps": result.gallery_maps,
                     "failures": result.failures.queries, "failure_maps": result.failures.maps,
                     "embeddings": index.embeddings,

@@ -1,4 +1,5 @@
-"""explain() runs every registered method, decompositions included, with its own options."""
+"""explain() runs every registered gradient method, decompositions included, with its own
+options (the black-box methods: tests/methods/blackbox/test_blackbox_explain.py)."""
 
 import pytest
 import torch
@@ -36,7 +37,7 @@ def method_options(name, head):
 
 CASES = [
     pytest.param(name, labels, id=f"{name}-{labels}")
-    for name in sorted(METHODS)
+    for name in sorted(METHODS) if not METHODS[name].blackbox
     for count in METHODS[name].tuple_sizes
     for labels in LABELS[count]
 ]

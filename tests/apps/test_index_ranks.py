@@ -32,8 +32,9 @@ def test_two_ranks_give_the_result_of_one(tmp_path):
     alone = run([sys.executable], tmp_path / "alone")
     ranks = run([torchrun, "--nproc-per-node", "2", "--standalone"], tmp_path / "ranks")
     assert (alone["world"], ranks["world"]) == (1, 2)
+    assert alone["embedded"].tolist() == [40, 0]  # a changed tensor: indexed again; then not
     for key in ("indices", "similarities", "query_maps", "gallery_maps", "failures",
-                "failure_maps", "embeddings"):
+                "failure_maps", "embeddings", "updated", "embedded"):
         torch.testing.assert_close(ranks[key], alone[key], rtol=0, atol=1e-6, msg=key)
     # the dataset-scale run writes the same files
     for name in ("matches.csv", "failures.csv", "retrieval.json"):
@@ -45,3 +46,4 @@ def test_two_ranks_give_the_result_of_one(tmp_path):
     # each rank wrote its own shards into the shared folder; rank 0 the manifest
     assert len(list((tmp_path / "ranks" / "index" / "shards").iterdir())) == 5
     assert (tmp_path / "ranks" / "index" / "index.json").is_file()
+    assert sorted(p.name for p in (tmp_path / "ranks").iterdir() if p.name.startswith(".")) == []

@@ -1,4 +1,4 @@
-"""The static HTML retrieval report, the gallery embedding cache and the ranking backends.
+"""The static HTML retrieval report, the gallery cache (an index) and the ranking backends.
 
 HTML tests build reports from hand-made tensors (no model); the end-to-end tests use a
 random-weight resnet18 without its classifier on 64 px images generated into tmp_path.
@@ -31,6 +31,7 @@ from simexplain.apps.report import (
     retrieval_report,
 )
 from simexplain.apps.gallery import embed_gallery, embed_images, model_fingerprint
+from simexplain.apps.index import IndexMismatchError
 from simexplain.apps.retrieval import faiss_available, rank_gallery
 from simexplain.data import list_labelled_images
 
@@ -245,25 +246,33 @@ def test_models_without_pooled_linear_embeddings_get_a_note_instead_of_point_map
     assert data["cards"][0]["matches"] == [None, None]
 
 
-def test_report_cli_writes_the_report(folders, tmp_path, capsys):
+def test_report_cli_writes_the_report_and_updates_its_cache(folders, tmp_path, capsys):
     queries, gallery = folders
     out = tmp_path / "out"
-    cache = tmp_path / "cache.safetensors"
+    cache = tmp_path / "cache"
     argv = ["report", str(queries), "--gallery", str(gallery), "--model", "torchvision:resnet18",
             "--size", "64", "--top-k", "2", "--out", str(out), "--cache", str(cache),
             "--no-progress"]
+    torch.manual_seed(1)  # the same random weights on each run
     assert main(argv) == 0
     stdout, stderr = capsys.readouterr()
-    assert stdout.strip() == f"wrote a report of 2 queries to {out / 'index.html'}"
+    assert stdout.splitlines() == [f"gallery index {cache}: 6 image(s) embedded, 0 reused",
+                                   f"wrote a report of 2 queries to {out / 'index.html'}"]
     text, data = page_data(out / "index.html")
     assert text.count('<section class="card"') == 2
     assert text.count('<figure class="result ') == 4
     assert len(data["cards"]) == 2
     assert all(m["grid"] == [2, 2] for card in data["cards"] for m in card["matches"])
     assert text.count("&#10003;") + text.count("&#10007;") == 4  # every match labelled
-    assert cache.is_file()
-    assert main(argv) == 0  # replaces its own report
-    capsys.readouterr()
+    assert (cache / "index.json").is_file()
+    write_image(gallery / "red" / "red3.png", COLOURS["red"], 33)
+    torch.manual_seed(1)
+    assert main(argv) == 0  # replaces its own report, embeds the new image only
+    assert capsys.readouterr().out.splitlines()[0] == \
+        f"gallery index {cache}: 1 image(s) embedded, 6 reused"
+    assert main(argv) == 1  # other random weights: refused, the cache kept
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "fingerprint" in err and (cache / "index.json").is_file()
 
 
 @pytest.mark.parametrize(
@@ -293,72 +302,69 @@ def test_report_cli_errors_are_one_line(folders, tmp_path, capsys, monkeypatch, 
 # --------------------------------------------------------------------------- cache
 
 
-class Counting:
-    """Counts the images a model embeds."""
-
-    def __init__(self, model):
-        self.images = 0
-        model.register_forward_pre_hook(self._count)
-
-    def _count(self, module, inputs):
-        self.images += inputs[0].shape[0]
-
-
 def test_gallery_cache_reuses_unchanged_files_and_reembeds_changed_ones(tmp_path, model):
     files = [write_image(tmp_path / "g" / f"{i}.png", (40 * i, 0, 0), i) for i in range(4)]
-    cache = tmp_path / "cache" / "gallery.safetensors"
+    cache = tmp_path / "cache" / "gallery"
     expected = embed_images(model, files, PREP)
-    counter = Counting(model)
 
-    def embed(paths, progress=None):
-        return embed_gallery(model, paths, PREP, cache=cache, model_spec="r", on_batch=progress)
+    def embed(paths):
+        """The embeddings, and what on_batch was told: each embedded batch (of at most
+        3 images) and, first, the number of images taken from the cache."""
+        progress = []
+        found = embed_gallery(model, paths, PREP, cache=cache, batch_size=3,
+                              on_batch=progress.append)
+        return found, progress
 
-    progress = []
-    first = embed(files, progress.append)
-    assert torch.allclose(first, expected, atol=1e-6) and counter.images == 4 and sum(progress) == 4
-    progress.clear()
-    again = embed(files, progress.append)
-    assert torch.equal(again, first) and counter.images == 4 and progress == [4]
+    first, progress = embed(files)
+    assert torch.allclose(first, expected, atol=1e-6) and progress == [3, 1]
+    again, progress = embed(files)
+    assert torch.equal(again, first) and progress == [4]
 
     write_image(files[2], (0, 200, 0), 7)  # new content
     new = write_image(tmp_path / "g" / "new.png", (0, 0, 90), 9)
-    updated = embed(files + [new])
-    assert counter.images == 6
+    updated, progress = embed(files + [new])
+    assert progress == [3, 2]
+    assert torch.equal(updated[[0, 1, 3]], first[[0, 1, 3]])
     stamp = os.stat(files[0]).st_mtime_ns
-    os.utime(files[0], ns=(stamp + 10**9, stamp + 10**9))  # touched: re-embedded
-    embed(files + [new])
-    assert counter.images == 7
+    os.utime(files[0], ns=(stamp + 10**9, stamp + 10**9))  # touched: embedded again
+    assert embed(files + [new])[1] == [4, 1]
     assert torch.allclose(updated, embed_images(model, files + [new], PREP), atol=1e-6)
 
 
-def test_gallery_cache_is_keyed_on_weights_spec_and_preprocessing(tmp_path, model):
+def test_gallery_cache_is_keyed_on_weights_and_preprocessing(tmp_path, model):
     files = [write_image(tmp_path / f"{i}.png", (40 * i, 0, 0), i) for i in range(2)]
-    cache = tmp_path / "gallery.safetensors"
-    counter = Counting(model)
-    embed_gallery(model, files, PREP, cache=cache, model_spec="a")
-    embed_gallery(model, files, PREP, cache=cache, model_spec="b")
-    assert counter.images == 4
-    resized = Preprocessing(T.Compose([T.Resize(32), T.ToTensor()]), PREP.mean, PREP.std)
-    embed_gallery(model, files, resized, cache=cache, model_spec="b")
-    assert counter.images == 6
+    cache = tmp_path / "gallery"
+
+    def embedded(preprocessing):
+        progress = []
+        embed_gallery(model, files, preprocessing, cache=cache, batch_size=1,
+                      on_batch=progress.append)
+        return progress
+
+    assert embedded(PREP) == [1, 1] and embedded(PREP) == [2]  # embedded, then reused
+    normalised = Preprocessing(T.Compose([T.ToTensor(), T.Normalize((0.5,) * 3, (0.5,) * 3)]),
+                               (0.5,) * 3, (0.5,) * 3)
+    assert embedded(normalised) == [1, 1]
+    assert embedded(Preprocessing(normalised.transform, (0.0,) * 3, (1.0,) * 3)) == [1, 1]
+    described_by_address = Preprocessing(lambda image: PREP.transform(image), PREP.mean,
+                                         PREP.std)
+    assert embedded(described_by_address) == embedded(described_by_address) == [1, 1]
     before = model_fingerprint(model)
     with torch.no_grad():
         model.conv1.weight.mul_(2)
     assert model_fingerprint(model) != before
-    changed = embed_gallery(model, files, resized, cache=cache, model_spec="b")
-    assert counter.images == 8
-    assert torch.allclose(changed, embed_images(model, files, resized), atol=1e-6)
+    with pytest.raises(IndexMismatchError, match="fingerprint"):
+        embed_gallery(model, files, PREP, cache=cache)
+    changed = embed_gallery(model, files, PREP, cache=tmp_path / "other")
+    assert torch.allclose(changed, embed_images(model, files, PREP), atol=1e-6)
 
 
-def test_a_corrupt_cache_is_rebuilt_and_a_folder_is_refused(tmp_path, model):
+def test_an_old_cache_file_is_refused(tmp_path, model):
     files = [write_image(tmp_path / "0.png", (1, 2, 3), 0)]
     cache = tmp_path / "gallery.safetensors"
-    cache.write_bytes(b"not a safetensors file")
-    result = embed_gallery(model, files, PREP, cache=cache)
-    assert torch.equal(result, embed_gallery(model, files, PREP, cache=cache))
-    assert cache.stat().st_size > 100
-    with pytest.raises(InputError, match="is a folder"):
-        embed_gallery(model, files, PREP, cache=tmp_path)
+    cache.write_bytes(b"an older simexplain's cache")
+    with pytest.raises(InputError, match="the cache is now a folder"):
+        embed_gallery(model, files, PREP, cache=cache)
 
 
 # --------------------------------------------------------------------------- ranking

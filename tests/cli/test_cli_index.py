@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from command_line import assert_one_line_error, run
-from image_files import write_image
+from image_files import write_labelled_folders
 from simexplain import load_maps
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -20,14 +20,7 @@ MODEL = ["--model", "timm:resnet10t", "--size", "128"]  # a 4x4 grid at layer4
 
 @pytest.fixture
 def folders(tmp_path):
-    seed = 0
-    for split, count in (("gallery", 4), ("queries", 2)):
-        for label in ("cat", "dog"):
-            (tmp_path / split / label).mkdir(parents=True)
-            for i in range(count):
-                seed += 1
-                write_image(tmp_path / split / label / f"{i}.png", seed=seed)
-    return tmp_path
+    return write_labelled_folders(tmp_path, {"gallery": 4, "queries": 2})
 
 
 def test_index_then_retrieve_writes_maps_tables_and_report(folders, capsys):

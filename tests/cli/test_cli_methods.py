@@ -26,11 +26,11 @@ def images(tmp_path):
     return [write_image(tmp_path / f"pic{i}.png", 10 + i) for i in range(3)]
 
 
-def python_explanation(images, labels, **options):
+def python_explanation(images, labels, size=128, **options):
     """The same model (same seed), preprocessing and call in Python."""
     torch.manual_seed(0)
     model = load_model("torchvision:resnet18")
-    return explain(model, images, labels, transform=sized(size=128).transform, **options)
+    return explain(model, images, labels, transform=sized(size=size).transform, **options)
 
 
 def score_line(exp):
@@ -108,3 +108,34 @@ def test_explain_dir_with_a_decomposition(tmp_path, retrieval_folders, capsys):
     assert sorted(os.listdir(out)) == ["matches.csv", "q0.png", "q1.png"]
     rows = list(csv.DictReader((out / "matches.csv").open()))
     assert [r["gallery"] for r in rows if r["query"] == "q1.png"][0] == "copy_of_q1.png"
+
+
+@pytest.mark.parametrize("name, flags, grid", [("rise", ["--n-masks", 6], (48, 48)),
+                                               ("sbsm", ["--window", 24, "--stride", 24],
+                                                (2, 2))])
+def test_a_black_box_method_writes_its_figure(tmp_path, images, capsys, name, flags, grid):
+    out = tmp_path / f"{name}.png"
+    code, stdout, err = run(capsys, "explain", *images[:2], "--labels", 4, 4, "--method", name,
+                            *flags, "--model", "torchvision:resnet18", "--size", 48,
+                            "--out", out, "--dpi", 30)
+    assert code == 0, err
+    with Image.open(out) as figure:
+        assert figure.format == "PNG"
+    options = dict(zip(["n_masks"] if name == "rise" else ["window", "stride"], flags[1::2]))
+    exp = python_explanation(images[:2], [4, 4], size=48, method=name, **options)
+    assert exp.layer == "" and tuple(exp.raw_maps.shape[-2:]) == grid
+    scores = ", ".join(f"{r} {float(s):.3g}" for r, s in zip(exp.roles, exp.scores[0]))
+    assert stdout.splitlines() == [
+        f"same pair explained by black-box method {name!r}: scores {scores}", f"wrote {out}"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["explain", "a.png", "b.png", "--labels", 0, 0, "--n-masks", 5],
+     "--n-masks is for --method rise; --method contribution takes no n masks"),
+    (["explain", "a.png", "b.png", "--labels", 0, 0, "--method", "rise", "--window", 5],
+     "--window is for --method sbsm; --method rise takes no window"),
+])
+def test_black_box_flags_are_refused_before_loading(capsys, argv, message):
+    # an unknown model would fail the load: the refusal comes first
+    code, _, err = run(capsys, *argv, "--model", "timm:resnet5O")
+    assert_one_line_error(code, err, message)

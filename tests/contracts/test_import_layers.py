@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "simexplain"
 INFRASTRUCTURE = {"errors", "_files", "_progress", "_lazy"}
 LOWER = {
     "engine": {"errors"},
-    "methods": {"errors", "engine"},
+    "methods": {"errors", "engine", "_progress"},  # the black-box methods' progress bar
     "attribution": {"errors", "engine", "methods"},
     "training": {"errors", "engine", "methods"},
     "metrics": {"errors", "engine"},

@@ -11,7 +11,8 @@ import pytest
 import simexplain
 
 # (tqdm is left out: torch itself imports it.)
-HEAVY = ("captum", "matplotlib", "PIL", "timm", "torchvision", "safetensors")
+HEAVY = ("captum", "matplotlib", "PIL", "timm", "torchvision", "safetensors", "onnxruntime",
+         "onnx")
 OURS = ("simexplain.apps", "simexplain.attribution", "simexplain.cli", "simexplain.demo",
         "simexplain.viz")
 

@@ -342,7 +342,9 @@ def _check_split(case: Arch, model: nn.Module, pair: torch.Tensor) -> None:
     # Every case here splits (README, docs/retrieval.rst); a model that does not falls back
     # with a one-line reason (tests/engine/test_head_split.py).
     assert stored is not None, f"{case.id} does not split: {split.reason}"
-    print(f"{case.id}: splits, crossing {split.names}")
+    print(f"{case.id}: splits, crossing {split.names}{', narrowed' if split.narrowed else ''}")
+    if case.layer.endswith(("norm1", "ln_1")):  # class-token pooling: the head runs one token
+        assert split.narrowed, f"{case.id}'s head is not narrowed to its class token"
     assert relative_error(stored.maps, full.maps) < 1e-4
     _, half, _ = stored_and_full(model, pair, dtype=torch.float16)
     assert relative_error(half.maps, full.maps) < FLOAT16_TOLERANCE

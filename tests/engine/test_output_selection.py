@@ -182,9 +182,10 @@ def test_a_function_as_model_says_gradient_methods_need_the_module(entry):
         "EmbeddingAttribution": lambda: EmbeddingAttribution(function),
         "SAMLoss": lambda: SAMLoss(function, nn.TripletMarginLoss()),
     }
-    match = (r"model must be a torch.nn.Module, got function; gradient methods .* hook the "
-             r"network's layers, so pass the network itself.*pick the embedding with output=.*"
-             r"Black-box methods, which will take any callable, are planned")
+    match = (r"model must be a torch.nn.Module, got function; gradient methods need a PyTorch "
+             r"module: they hook the network's layers, so pass the network itself.*pick the "
+             r"embedding with output=.*The black-box methods, method='rise' or method='sbsm', "
+             r"take any callable images -> embeddings")
     with pytest.raises(TypeError, match=match):
         calls[entry]()
 

@@ -65,7 +65,8 @@ def resnet():
 def test_registry_names_and_lookup():
     assert set(METHODS) == {"sam", "sam_rescaled", "sam_contrib", "psam", "contribution",
                             "gradcam_cosine",
-                            "stylianou", "point_specific", "bce_gradcam"}
+                            "stylianou", "point_specific", "bce_gradcam", "sbsm", "rise"}
+    assert sorted(n for n, cls in METHODS.items() if cls.blackbox) == ["rise", "sbsm"]
     assert get_method("stylianou") is Stylianou
     with pytest.raises(InputError, match="unknown explanation method 'gradcam'.*sam"):
         get_method("gradcam")
@@ -341,8 +342,9 @@ def build(name, model, layer):
     return get_method(name)(model, layer=layer)
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("name", sorted(n for n, cls in METHODS.items() if not cls.blackbox))
 def test_every_method_on_resnet_keeps_state_and_serves_as_explain_fn(resnet, name):
+    """(The black-box methods: tests/methods/blackbox/.)"""
     x1, x2, x3 = torch.randn(3, 2, 3, 64, 64)
     method = build(name, resnet, resnet.layer4)  # a module spec, rebuilt by name for copies
     options = {"same_class": torch.tensor([True, False])} if name.startswith("sam") else {}

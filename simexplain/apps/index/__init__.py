@@ -8,7 +8,7 @@ from ..._lazy import lazy_exports
 
 _EXPORTS = {
     "GalleryIndex": ".gallery_index",
-    "IndexMismatchError": ".gallery_index",
+    "IndexMismatchError": ".building",
     "RetrievalResult": ".result",
     "RetrievalFailures": ".result",
     "explain_queries": ".explain",

@@ -8,11 +8,14 @@ text query of a dual encoder, a class prototype) has no image: only the matches'
 are computed. With labels on both sides, every query whose top match has another label
 is explained again as the triplet the model decided: the query as anchor, the wrong top
 match in the positive's role and the best-ranked correct match in the negative's, so the
-maps show why the wrong one won.
+maps show why the wrong one won. A black-box method (``"sbsm"``, ``"rise"``, and by
+default for a model that is not a PyTorch module) perturbs the images instead
+(:mod:`~simexplain.apps.index.blackbox_explain`).
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import torch
@@ -26,7 +29,7 @@ from ...engine.state import model_device
 from ...errors import InputError
 from ...methods.base import SimilarityMethod, get_method, score_methods
 from ...methods.decomposition import Stylianou
-from ...methods.defaults import DEFAULT_METHOD
+from ...methods.defaults import DEFAULT_BLACKBOX_METHOD, DEFAULT_METHOD
 from ..method_runner import build_method, option_names, run_method
 from . import distributed
 from .decomposed import decompose_stored
@@ -35,7 +38,7 @@ from .result import RetrievalFailures, RetrievalResult
 if TYPE_CHECKING:
     from .gallery_index import GalleryIndex
 
-__all__ = ["explain_queries"]
+__all__ = ["explain_queries", "failed_queries"]
 
 #: Queries embedded and explained per block (their crossing values are held meanwhile).
 QUERY_BLOCK = 64
@@ -63,23 +66,39 @@ def explain_queries(
         queries: images ``(Q, C, H, W)`` (or one ``(C, H, W)``), or image files / PIL
             images (preprocessed as the gallery's files were).
         top_k: matches per query.
-        method: a registered GradCAM-style method (default: the library's default); a
-            method that takes ``reference=`` is measured from the gallery's embeddings
-            unless given one.
+        method: a registered GradCAM-style method (default: the library's default), or a
+            black-box method, ``"sbsm"`` (the default for a model that is not a PyTorch
+            module, which has no gradients) or ``"rise"``, which perturbs the query and the
+            match and needs the gallery's images (see
+            :mod:`~simexplain.apps.index.blackbox_explain` for its cost); a method that
+            takes ``reference=`` is measured from the gallery's embeddings unless given
+            one.
         labels: one label per query; with the gallery's labels, failed queries are
             explained in ``result.failures``.
         query_embeddings: ``(Q, d)`` embeddings instead of ``queries``: only the
             matches' maps are computed.
         approximate: search faiss's HNSW graph instead of exactly.
-        chunk_size: pairs per head pass.
+        chunk_size: pairs per head pass (not for a black-box method: its
+            ``batch_size=`` is perturbed images per forward pass).
         across_ranks: under ``torchrun``, each rank explains its share of the queries and
             every rank gets the whole result; ``False``: explain all of them here.
         **method_options: the method's options (e.g. ``reference=``).
     """
     if (queries is None) == (query_embeddings is None):
         raise InputError("pass either queries (images) or query_embeddings=, not both")
-    name = method or DEFAULT_METHOD
-    built, run_options = _built_method(index, name, method_options)
+    blackbox = index.blackbox or (method is not None and get_method(method).blackbox)
+    name = method or (DEFAULT_BLACKBOX_METHOD if index.blackbox else DEFAULT_METHOD)
+    if blackbox:
+        from .blackbox_explain import black_box_explainers
+
+        explain_images, explain_embeddings = black_box_explainers(index, name, chunk_size,
+                                                                  method_options)
+    else:
+        built, run_options = _built_method(index, name, method_options)
+        explain_images = partial(_explain_images, index, built, run_options,
+                                 chunk_size=chunk_size)
+        explain_embeddings = partial(_explain_embeddings, index, built, run_options,
+                                     chunk_size=chunk_size)
     images = None if queries is None else _query_images(index, queries)
     embeddings = None if query_embeddings is None else _embeddings(query_embeddings)
     count = images.shape[0] if images is not None else embeddings.shape[0]
@@ -92,12 +111,9 @@ def explain_queries(
         stop = min(start + QUERY_BLOCK, count)
         block_labels = None if labels is None else list(labels)[start:stop]
         if images is not None:
-            done[start] = _explain_images(index, built, run_options, images[start:stop], top_k,
-                                          block_labels, approximate, chunk_size)
+            done[start] = explain_images(images[start:stop], top_k, block_labels, approximate)
         else:
-            done[start] = _explain_embeddings(index, built, run_options,
-                                              embeddings[start:stop], top_k, approximate,
-                                              chunk_size)
+            done[start] = explain_embeddings(embeddings[start:stop], top_k, approximate)
         if done[start][1] is not None:
             done[start][1].queries += start
     if across_ranks:
@@ -111,7 +127,7 @@ def explain_queries(
         gallery_maps=torch.cat([p["gallery_maps"] for p in parts]),
         scores=torch.cat([p["scores"] for p in parts]),
         method=name,
-        layer=index.layer.name,
+        layer="" if blackbox else index.layer.name,
         failures=_joined(failures) if labels is not None and index.labels is not None else None,
         query_images=None if images is None else images.cpu(),
         index=index,
@@ -212,9 +228,11 @@ def _explain_images(index: "GalleryIndex", method: SimilarityMethod, run_options
     return part, failures
 
 
-def _failures(index: "GalleryIndex", method: SimilarityMethod, run_options: dict,
-              images: Tensor, raw: Tensor, crossing: tuple, rows: Tensor, labels: list,
-              chunk_size: Optional[int]) -> Optional[RetrievalFailures]:
+def failed_queries(index: "GalleryIndex", raw: Tensor, rows: Tensor,
+                   labels: list) -> Optional[dict[str, Tensor]]:
+    """The queries embedded as ``raw`` whose top match (``rows`` ``(Q, k)``) has another
+    label than theirs: the fields of :class:`RetrievalFailures` but its maps and scores,
+    or ``None`` when every query found its label (or its label is not in the gallery)."""
     gallery_labels = index.labels
     assert gallery_labels is not None
     found = []
@@ -232,8 +250,19 @@ def _failures(index: "GalleryIndex", method: SimilarityMethod, run_options: dict
                       float(similarity[correct]), float(similarity[rows[q, 0]])))
     if not found:
         return None
-    queries = torch.tensor([f[0] for f in found])
-    correct, wrong = torch.tensor([f[1] for f in found]), torch.tensor([f[2] for f in found])
+    columns = list(zip(*found))
+    return {"queries": torch.tensor(columns[0]), "correct": torch.tensor(columns[1]),
+            "wrong": torch.tensor(columns[2]), "correct_rank": torch.tensor(columns[3]),
+            "similarities": torch.tensor([[f[4], f[5]] for f in found])}
+
+
+def _failures(index: "GalleryIndex", method: SimilarityMethod, run_options: dict,
+              images: Tensor, raw: Tensor, crossing: tuple, rows: Tensor, labels: list,
+              chunk_size: Optional[int]) -> Optional[RetrievalFailures]:
+    found = failed_queries(index, raw, rows, labels)
+    if found is None:
+        return None
+    queries, correct, wrong = found["queries"], found["correct"], found["wrong"]
     if index.split is not None:
         slots = [[c[queries.to(c.device)] for c in crossing], list(index.crossing(wrong)),
                  list(index.crossing(correct))]
@@ -244,12 +273,7 @@ def _failures(index: "GalleryIndex", method: SimilarityMethod, run_options: dict
                                index.gallery_images(wrong.tolist()).to(device),
                                index.gallery_images(correct.tolist()).to(device)]
     result = _pairs_result(index, method, run_options, slots, None, pictures, chunk_size)
-    return RetrievalFailures(
-        queries=queries, correct=correct, wrong=wrong,
-        correct_rank=torch.tensor([f[3] for f in found]),
-        similarities=torch.tensor([[f[4], f[5]] for f in found]),
-        maps=result.maps.cpu(), scores=result.scores.cpu(),
-    )
+    return RetrievalFailures(**found, maps=result.maps.cpu(), scores=result.scores.cpu())
 
 
 def _explain_embeddings(index: "GalleryIndex", method: SimilarityMethod, run_options: dict,

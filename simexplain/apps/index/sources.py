@@ -1,4 +1,4 @@
-"""What a gallery can be given as, read the same way: batches of images by row range.
+"""What a gallery can be given as, read the same way: batches of images by rows.
 
 A tensor of images, a map-style ``Dataset`` (items an image tensor or a tuple whose first
 element is the image and second its label), a ``DataLoader`` over such a dataset (its
@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from ...data.image_files import list_labelled_images
 from ...data.preprocessing import Preprocessing, load_image, resolve_preprocessing
 from ...errors import InputError
+from ..gallery import tensor_sha256
 
 __all__ = ["GallerySource", "gallery_source"]
 
@@ -46,6 +47,11 @@ class _Images(Dataset):
 
     def __getitem__(self, index: int) -> Tensor:
         return self.images[index]
+
+
+def _stamp(path: Path) -> list[Any]:
+    status = path.stat()
+    return [str(path.resolve()), status.st_size, status.st_mtime_ns]
 
 
 def _collate(items: list[Any]) -> tuple[Tensor, Optional[list[Any]]]:
@@ -88,12 +94,29 @@ class GallerySource:
     def __len__(self) -> int:
         return len(self.names)
 
-    def batches(self, start: int, stop: int) -> Iterator[tuple[Tensor, Optional[list[Any]]]]:
-        """``(images, labels or None)`` batches of rows ``start`` to ``stop - 1``, in order."""
-        rows = Subset(self.dataset, range(start, stop))
-        loader = DataLoader(rows, batch_size=self.batch_size, shuffle=False,
-                            num_workers=self.num_workers, collate_fn=_collate)
+    def batches(self, rows: Sequence[int]) -> Iterator[tuple[Tensor, Optional[list[Any]]]]:
+        """``(images, labels or None)`` batches of ``rows`` (e.g. ``range(start, stop)``),
+        in that order."""
+        loader = DataLoader(Subset(self.dataset, rows), batch_size=self.batch_size,
+                            shuffle=False, num_workers=self.num_workers, collate_fn=_collate)
         yield from loader
+
+    def identity(self) -> dict[str, Any]:
+        """What tells this gallery from another with as many rows: for image files each
+        one's resolved path, size and modification time (``stamps``) and the
+        preprocessing, ``recognisable`` unless its description holds a memory address
+        (as a lambda's does); for a tensor a SHA-256 of its contents. A Dataset is known
+        by its length alone."""
+        if isinstance(self.dataset, _Files):
+            preprocessing = self.dataset.preprocessing
+            described = repr(preprocessing.transform)
+            return {"stamps": [_stamp(path) for path in self.dataset.paths],
+                    "preprocessing": [described, list(preprocessing.mean),
+                                      list(preprocessing.std)],
+                    "recognisable": " at 0x" not in described}
+        if isinstance(self.dataset, _Images):
+            return {"content_sha256": tensor_sha256(self.dataset.images)}
+        return {}
 
     def images(self, rows: Sequence[int]) -> Tensor:
         """The images of ``rows`` ``(n, C, H, W)``, e.g. to show a query's matches."""
@@ -112,7 +135,7 @@ def gallery_source(
 
     Example:
         >>> source = gallery_source(torch.zeros(5, 3, 8, 8), torch.nn.Identity())
-        >>> len(source), [tuple(b.shape) for b, _ in source.batches(1, 5)]
+        >>> len(source), [tuple(b.shape) for b, _ in source.batches(range(1, 5))]
         (5, [(4, 3, 8, 8)])
     """
     if batch_size < 1:

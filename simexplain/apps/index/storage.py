@@ -89,11 +89,9 @@ class RowStore:
             return number in self._memory
         return (self._shard_dir(number) / "rows.json").is_file()
 
-    def write_shard(
-        self, number: int, embeddings: Tensor, crossing: Sequence[Tensor], info: dict
-    ) -> None:
-        """Store shard ``number``'s rows (complete, or not at all) and ``info`` about them
-        (JSON: e.g. their labels)."""
+    def encode(self, embeddings: Tensor, crossing: Sequence[Tensor]) -> dict[str, Tensor]:
+        """The arrays a shard keeps for these rows: their ``embeddings`` (float32), each
+        crossing value in the store's dtype and their ``scales``."""
         arrays: dict[str, Tensor] = {"embeddings": embeddings.detach().float().cpu()}
         scales = []
         for k, value in enumerate(crossing):
@@ -101,6 +99,13 @@ class RowStore:
             arrays[f"crossing-{k}"] = stored
             scales.append(scale)
         arrays["scales"] = torch.stack(scales, dim=1) if scales else torch.ones(len(embeddings), 0)
+        return arrays
+
+    def write_arrays(self, number: int, arrays: dict[str, Tensor], info: dict) -> None:
+        """Store shard ``number``'s rows, as arrays given by :meth:`encode` or
+        :meth:`read_arrays` (complete, or not at all), and ``info`` about them (JSON: e.g.
+        their labels)."""
+        rows = len(arrays["embeddings"])
         if self.path is None:
             self._memory[number] = arrays
             self._info[number] = dict(info)
@@ -111,7 +116,7 @@ class RowStore:
         try:
             for name, tensor in arrays.items():
                 np.save(temporary / f"{name}.npy", _as_numpy(tensor))
-            (temporary / "rows.json").write_text(json.dumps({"rows": len(embeddings), **info}))
+            (temporary / "rows.json").write_text(json.dumps({"rows": rows, **info}))
             if final.exists():  # an incomplete shard of an interrupted build
                 shutil.rmtree(final)
             os.replace(temporary, final)
@@ -126,7 +131,7 @@ class RowStore:
             atomic_write(self.path / "index.json", lambda handle: handle.write(text))
 
     def shard_info(self, number: int) -> dict:
-        """What :meth:`write_shard` was told about shard ``number``, with its ``rows``."""
+        """What :meth:`write_arrays` was told about shard ``number``, with its ``rows``."""
         if self.path is None:
             return {"rows": len(self._memory[number]["embeddings"]), **self._info[number]}
         return json.loads((self._shard_dir(number) / "rows.json").read_text())
@@ -152,13 +157,14 @@ class RowStore:
         return torch.cat([_as_tensor(self._arrays(n)["embeddings"], torch.float32)
                           for n in range(shards)])
 
-    def crossing(self, rows: Tensor, shard_rows: Sequence[int]) -> tuple[Tensor, ...]:
-        """The crossing values ``(len(rows), ...)`` of ``rows``, decoded to float32."""
+    def read_arrays(self, rows: Tensor, shard_rows: Sequence[int],
+                    names: Optional[Sequence[str]] = None) -> dict[str, Tensor]:
+        """The stored arrays (``names``, default all: as :meth:`encode` gives them) of
+        ``rows``, in that order."""
         bounds = np.cumsum([0, *shard_rows])
         rows_np = rows.cpu().numpy()
         shard_of = np.searchsorted(bounds, rows_np, side="right") - 1
-        count = sum(1 for name in self._arrays(0) if name.startswith("crossing-"))
-        parts: list[list[Tensor]] = [[] for _ in range(count)]
+        parts: dict[str, list[Tensor]] = {name: [] for name in names or self._arrays(0)}
         positions = []
         for number in np.unique(shard_of):
             arrays = self._arrays(int(number))
@@ -166,14 +172,25 @@ class RowStore:
             local = rows_np[where] - bounds[number]
             if self.path is None:
                 local = torch.from_numpy(local)
-            scales = _as_tensor(arrays["scales"][local], torch.float32)
-            for k in range(count):
-                stored = _as_tensor(arrays[f"crossing-{k}"][local], self.dtype)
-                parts[k].append(decode_rows(stored, scales[:, k]))
+            for name in parts:
+                dtype = self.dtype if name.startswith("crossing-") else torch.float32
+                parts[name].append(_as_tensor(arrays[name][local], dtype))
             positions.append(where)
         # rows were read shard by shard: put them back in the order asked for
         order = torch.from_numpy(np.argsort(np.concatenate(positions), kind="stable"))
-        return tuple(torch.cat(part)[order] for part in parts)
+        return {name: torch.cat(part)[order] for name, part in parts.items()}
+
+    def crossing(self, rows: Tensor, shard_rows: Sequence[int]) -> tuple[Tensor, ...]:
+        """The crossing values ``(len(rows), ...)`` of ``rows``, decoded to float32."""
+        names = [name for name in self._arrays(0) if name != "embeddings"]
+        arrays = self.read_arrays(rows, shard_rows, names)
+        count = len(names) - 1  # and the scales
+        return tuple(decode_rows(arrays[f"crossing-{k}"], arrays["scales"][:, k])
+                     for k in range(count))
+
+    def close(self) -> None:
+        """Let go of the memory-mapped files (before the folder is moved or deleted)."""
+        self._opened.clear()
 
     def disk_bytes(self) -> int:
         """Bytes the store takes on disk (0 in memory)."""

@@ -124,7 +124,7 @@ def retrieve_to_disk(
 
 def _read(source: Any, start: int, stop: int) -> tuple[torch.Tensor, Optional[list]]:
     images, labels = [], []
-    for batch, batch_labels in source.batches(start, stop):
+    for batch, batch_labels in source.batches(range(start, stop)):
         images.append(batch)
         labels.extend(batch_labels or [None] * batch.shape[0])
     if source.labels is not None:

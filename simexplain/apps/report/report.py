@@ -1,9 +1,10 @@
 """A static HTML report of explained retrieval: one card per query with its top-k matches.
 
-:func:`retrieval_report` ranks a gallery for each query and explains every (query, match)
-pair twice: with SAM maps (what in each image makes the pair similar) and, for models
-whose embedding is a linear function of globally average pooled features, with Zhu et
-al.'s point-to-point maps ``S(p, q)``
+:func:`retrieval_report` indexes the gallery (:class:`~simexplain.GalleryIndex`, kept in
+a folder between runs when given one), ranks it for each query and explains every
+(query, match) pair twice: with the maps of the report's method (what in each image makes
+the pair similar) and, for models whose embedding is a linear function of globally
+average pooled features, with Zhu et al.'s point-to-point maps ``S(p, q)``
 (:meth:`~simexplain.methods.PointSpecific.point_to_point`).
 :meth:`RetrievalReport.write` turns the result into a folder that any browser opens
 from disk, with no server and no network: ``index.html`` with inline CSS and vanilla
@@ -21,7 +22,6 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -29,6 +29,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..._files import swap_into_place
 from ..._progress import progress_bar
 from ...data.preprocessing import Preprocessing, preprocess_images, resolve_preprocessing
 from ...engine.state import model_device
@@ -36,9 +37,9 @@ from ...engine.target_layer import LayerSpec
 from ...errors import InputError, LayerError, ModelOutputError
 from ...methods.decomposition import PointSpecific
 from ...methods.defaults import DEFAULT_METHOD
-from ..gallery import embed_gallery, embed_images
+from ..index.gallery_index import GalleryIndex
+from ..index.result import RetrievalResult
 from ..method_runner import check_inputs_given
-from ..retrieval import explain_matches, explainer, rank_gallery
 from .page import MARKER_FILE, write_report_files
 
 __all__ = ["ReportMatch", "ReportCard", "RetrievalReport", "retrieval_report",
@@ -97,6 +98,8 @@ class RetrievalReport:
         point_maps_note: why point maps are missing (empty when they are there).
         title: the page title.
         method: the explanation method of the maps.
+        gallery_embedded: how many gallery images :func:`retrieval_report` ran through
+            the model (the others came from its ``cache``), or ``None``.
     """
 
     cards: list[ReportCard]
@@ -105,6 +108,7 @@ class RetrievalReport:
     point_maps_note: str = ""
     title: str = "simexplain retrieval report"
     method: str = DEFAULT_METHOD
+    gallery_embedded: Optional[int] = None
     _colormap: str = field(default="jet", repr=False)
 
     def write(self, out: "str | os.PathLike[str]", *, replace: bool = True) -> Path:
@@ -125,7 +129,7 @@ class RetrievalReport:
         try:
             building.chmod(0o755)  # mkdtemp's folder is private; a report is meant to be shared
             write_report_files(self, building)
-            _swap_into_place(building, out)
+            swap_into_place(building, out)
         except BaseException:
             shutil.rmtree(building, ignore_errors=True)
             raise
@@ -146,22 +150,6 @@ def check_report_destination(out: Path, replace: bool = True) -> None:
             raise InputError(f"{out} already holds a report and replace=False")
 
 
-def _swap_into_place(building: Path, out: Path) -> None:
-    """Rename ``building`` to ``out``; an old ``out`` is moved aside first, then deleted."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(out, old)
-    try:
-        os.replace(building, out)
-    except BaseException:
-        if old is not None:
-            os.replace(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def retrieval_report(
     model: nn.Module,
     queries: Sequence["str | os.PathLike[str]"],
@@ -176,14 +164,19 @@ def retrieval_report(
     point_maps: bool = True,
     batch_size: int = 32,
     cache: "str | os.PathLike[str] | None" = None,
-    model_spec: str = "",
     progress: Optional[bool] = False,
     title: str = "simexplain retrieval report",
 ) -> RetrievalReport:
     """Rank ``gallery`` for every query and explain each query's top-k matches.
 
+    The gallery is indexed once (:meth:`GalleryIndex.build <simexplain.GalleryIndex.build>`,
+    which keeps each image's activations at the layer): each query then runs through the
+    model once, and each of its matches costs only the work after the layer.
+
     Args:
-        model: the embedding model (its modes and gradients are left as they were).
+        model: the embedding model (its modes and gradients are left as they were); a
+            model that is not a PyTorch module (an ONNX model) is explained by a black-box
+            method, without point maps.
         queries, gallery: image files (see
             :func:`~simexplain.data.list_labelled_images` for labels from folders).
         query_labels, gallery_labels: a label (or ``None``) per image, to mark matches
@@ -200,10 +193,11 @@ def retrieval_report(
         point_maps: compute point-to-point maps; they need an embedding that is a
             linear function of globally average pooled features, and are left out with
             a note (:attr:`RetrievalReport.point_maps_note`) for other models.
-        batch_size: images per forward pass when embedding.
-        cache: a safetensors file caching the gallery embeddings
-            (:func:`~simexplain.apps.gallery.embed_gallery`).
-        model_spec: the model's name, kept in the cache manifest.
+        batch_size: images per forward pass.
+        cache: a folder keeping the gallery's index between runs: the next run embeds
+            only new and changed gallery files (by path, size and modification time);
+            other weights or another image size raise
+            :class:`~simexplain.apps.index.IndexMismatchError`. ``None``: in memory.
         progress: tqdm progress bars on stderr (``None``: when stderr is a terminal).
         title: the page title.
 
@@ -234,6 +228,8 @@ def retrieval_report(
     """
     if top_k < 1:
         raise InputError(f"top_k must be at least 1, got {top_k}")
+    if batch_size < 1:
+        raise InputError(f"batch_size must be a positive number of images, got {batch_size}")
     check_inputs_given(
         method, {}, "a report cannot take it: explain the matches with explain_matches("
         f"explainer(model, method={method!r}, ...), query, matches), or choose another method"
@@ -242,62 +238,58 @@ def retrieval_report(
     query_labels = _check_labels(query_labels, len(queries), "query_labels")
     gallery_labels = _check_labels(gallery_labels, len(gallery), "gallery_labels")
     preprocessing = preprocessing or resolve_preprocessing(model)
-
-    with progress_bar(len(gallery), "embedding gallery", "img", progress) as bar:
-        gallery_embeddings = embed_gallery(
-            model,
-            gallery,
-            preprocessing,
-            cache=cache,
-            model_spec=model_spec,
-            batch_size=batch_size,
-            on_batch=bar.update,
-        )
-    with progress_bar(len(queries), "embedding queries", "img", progress) as bar:
-        query_embeddings = embed_images(
-            model, queries, preprocessing, batch_size, on_batch=bar.update
-        )
-    similarities, indices = rank_gallery(query_embeddings, gallery_embeddings, top_k)
-
-    attribution = explainer(model, layer, method, gallery_embeddings)
-    point_method, note = (PointSpecific(model), "") if point_maps else (None, "not requested")
+    index = GalleryIndex.build(model, gallery, layer=layer, path=cache,
+                               transform=preprocessing, batch_size=batch_size,
+                               progress=progress)
+    point_method, note = None, "not requested"
+    if point_maps and not isinstance(model, nn.Module):
+        note = "the model is not a PyTorch module (an ONNX model?): point maps need its layers"
+    elif point_maps:
+        point_method, note = PointSpecific(model), ""
     cards = []
     with progress_bar(len(queries), "explaining queries", "img", progress) as bar:
-        for q, (row, sims) in enumerate(zip(indices.tolist(), similarities.tolist())):
-            images = preprocess_images([queries[q]] + [gallery[i] for i in row], preprocessing)
-            explained = explain_matches(attribution, images[0], images[1:])
-            query_maps, match_maps = explained.image_maps(0)
-            points: list[Optional[Tensor]] = [None] * len(row)
-            if point_method is not None:
-                try:
-                    points = list(_point_to_point(point_method, images))
-                except (LayerError, ModelOutputError) as error:
-                    point_method, note = None, str(error)
-            matches = [
-                ReportMatch(
-                    path=gallery[i],
-                    label=gallery_labels[i],
-                    similarity=float(sim),
-                    image=images[1 + k],
-                    match_map=match_maps[k],
-                    query_map=query_maps[k],
-                    point_maps=points[k],
-                )
-                for k, (i, sim) in enumerate(zip(row, sims))
-            ]
-            cards.append(ReportCard(queries[q], query_labels[q], images[0], matches))
-            bar.update(1)
+        for start in range(0, len(queries), batch_size):
+            images = preprocess_images(queries[start:start + batch_size], preprocessing)
+            result = index.explain(images, top_k=top_k, method=method)
+            for q in range(len(result)):
+                matches = result.matches(q)
+                points: list[Optional[Tensor]] = [None] * matches.shape[0]
+                if point_method is not None:
+                    try:
+                        points = list(_point_to_point(point_method, images[q], matches))
+                    except (LayerError, ModelOutputError) as error:
+                        point_method, note = None, str(error)
+                cards.append(_card(result, q, queries[start + q], query_labels[start + q],
+                                   gallery, gallery_labels, points))
+                bar.update(1)
     return RetrievalReport(
         cards, preprocessing.mean, preprocessing.std, point_maps_note=note, title=title,
-        method=method,
+        method=method, gallery_embedded=index.rows_embedded,
     )
 
 
-def _point_to_point(method: PointSpecific, images: Tensor) -> Tensor:
-    images = images.to(model_device(method.model) or torch.device("cpu"))
-    count = images.shape[0] - 1
-    query = images[:1].expand(count, -1, -1, -1)
-    return method.point_to_point((query, images[1:])).detach().cpu()
+def _card(result: RetrievalResult, q: int, path: Path, label: Optional[str],
+          gallery: list[Path], gallery_labels: list[Optional[str]],
+          points: list[Optional[Tensor]]) -> ReportCard:
+    """Query ``q`` of ``result`` and its matches."""
+    query_maps, match_maps = result.image_maps(q)
+    assert result.query_images is not None and query_maps is not None  # queries are images
+    images = result.matches(q)
+    rows, similarities = result.indices[q].tolist(), result.similarities[q].tolist()
+    matches = [
+        ReportMatch(path=gallery[i], label=gallery_labels[i], similarity=float(sim),
+                    image=images[k], match_map=match_maps[k], query_map=query_maps[k],
+                    point_maps=points[k])
+        for k, (i, sim) in enumerate(zip(rows, similarities))
+    ]
+    return ReportCard(path, label, result.query_images[q], matches)
+
+
+def _point_to_point(method: PointSpecific, query: Tensor, matches: Tensor) -> Tensor:
+    device = model_device(method.model) or torch.device("cpu")
+    matches = matches.to(device)
+    queries = query.to(device).unsqueeze(0).expand(matches.shape[0], -1, -1, -1)
+    return method.point_to_point((queries, matches)).detach().cpu()
 
 
 def _check_labels(

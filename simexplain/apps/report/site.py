@@ -34,9 +34,10 @@ from typing import Any, Optional, Sequence
 
 from torch import Tensor
 
+from ..._files import swap_into_place
 from ...errors import InputError
 from .page import MARKER_FILE, _colormap_table, _save_image
-from .report import _swap_into_place, check_report_destination
+from .report import check_report_destination
 from .site_index import SiteIndex, write_jsonp
 
 __all__ = ["ReportSiteWriter", "QueryEntry", "MatchEntry", "FailureEntry"]
@@ -211,7 +212,7 @@ class ReportSiteWriter:
             (building / MARKER_FILE).write_text(
                 "written by simexplain.apps.report\n", encoding="utf-8"
             )
-            _swap_into_place(building, self.out)
+            swap_into_place(building, self.out)
         except BaseException:
             self.abort()
             raise
