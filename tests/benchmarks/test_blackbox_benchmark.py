@@ -1,0 +1,55 @@
+"""The black-box benchmark's agreement measures, and its quick mode end to end on the
+pretrained backbone (its tables and JSON; the figures are not checked: timings on shared
+machines are noise)."""
+
+import json
+
+import pytest
+import torch
+from pretrained_inputs import needs_pretrained
+
+from simexplain.methods import DEFAULT_METHOD
+
+
+def test_top_iou_and_spearman_of_maps():
+    import bench_blackbox
+
+    a = torch.arange(10.0)[None]
+    assert bench_blackbox.top_iou(a, a * 3 + 1).item() == 1.0  # the same top 2 cells
+    assert bench_blackbox.top_iou(a, -a).item() == 0.0
+    assert bench_blackbox.spearman(a, a.exp()).item() == pytest.approx(1.0)
+    assert bench_blackbox.spearman(a, -a).item() == pytest.approx(-1.0)
+    assert bench_blackbox.ranks(torch.tensor([[3.0, 1.0, 3.0, 2.0]])).tolist() == \
+        [[3.5, 1.0, 3.5, 2.0]]
+
+
+@pytest.mark.slow
+@needs_pretrained
+def test_quick_run_writes_every_method_at_the_same_forwards(tmp_path):
+    import bench_blackbox
+
+    out = tmp_path / "bench_blackbox.md"
+    assert bench_blackbox.main(["--quick", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "## Targets" in text and "## Agreement of the maps" in text
+    result = json.loads(out.with_suffix(".json").read_text())["result"]
+    assert result["command"].startswith("python benchmarks/bench_blackbox.py --quick")
+    assert result["threads"] >= 1 and result["size"] == 64 and result["seconds"] > 0
+    methods, masks = result["methods"], result["masks"]
+    assert masks == 16  # 4 x 4 windows of 16 px at 64 px, as many masks
+    for name in (DEFAULT_METHOD, "sbsm", "rise", "occlusion (model)"):
+        assert f"| {name} |" in text
+    for name in ("sbsm", "rise"):  # the masks and the unperturbed image
+        assert methods[name]["forwards_per_map"] == masks + 1
+    for name in (bench_blackbox.XAITK, bench_blackbox.DISTANCE):
+        assert (name in methods) != (name in result["skipped"])  # measured, or said why not
+        if name in methods:  # ... and the partner's embedding
+            assert masks + 1 <= methods[name]["forwards_per_map"] <= masks + 2
+    for name, row in methods.items():
+        if name != "occlusion (model)":
+            assert 0 <= row["point_match"] <= 1 and row["seconds_per_map"] > 0, name
+            assert -1 <= row["deletion_auc"] <= 1 and -1 <= row["insertion_auc"] <= 1, name
+    assert len(result["targets"]) == 7
+    assert all(t["met"] in (True, False, None) for t in result["targets"])
+    assert f"sbsm ~ {DEFAULT_METHOD}" in result["agreement"] or \
+        f"{DEFAULT_METHOD} ~ sbsm" in result["agreement"]
