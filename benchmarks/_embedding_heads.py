@@ -30,13 +30,20 @@ def train_signed_head(features: Tensor, labels: Tensor, dim: int, epochs: int,
                       seed: int) -> nn.Linear:
     """A linear head trained with a triplet loss on pooled features; its bias starts at
     minus the projected mean, so the embedding is centred (signed)."""
-    from pytorch_metric_learning import losses, miners
-
-    g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     head = nn.Linear(features.shape[1], dim)
     with torch.no_grad():
         head.bias.copy_(-head.weight @ features.mean(0))
+    return train_head(head, features, labels, epochs, seed)
+
+
+def train_head(head: nn.Module, features: Tensor, labels: Tensor, epochs: int,
+               seed: int) -> nn.Module:
+    """``head`` trained in place with a triplet loss (semi-hard triplets) on pooled
+    ``features``, in eval mode."""
+    from pytorch_metric_learning import losses, miners
+
+    g = torch.Generator().manual_seed(seed)
     loss_fn = losses.TripletMarginLoss(margin=0.2)
     miner = miners.TripletMarginMiner(margin=0.2, type_of_triplets="semihard")
     optimiser = torch.optim.Adam(head.parameters(), lr=1e-3)

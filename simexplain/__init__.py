@@ -64,6 +64,8 @@ _EXPORTS = {
     "RetrievalExplanation": ".apps.retrieval",
     "GalleryIndex": ".apps.index",
     "RetrievalResult": ".apps.index",
+    "explain_correspondence": ".apps.correspondence",
+    "Correspondence": ".apps.correspondence",
     "retrieval_report": ".apps.report",
     "segment": ".apps.segmentation",
     "explain_stream": ".apps.stream",
@@ -96,6 +98,7 @@ __all__.append("__version__")
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 if TYPE_CHECKING:  # what static checkers and IDEs see
+    from .apps.correspondence import Correspondence, explain_correspondence
     from .apps.explanation import Explanation, explain
     from .apps.gallery import embed_gallery, embed_images
     from .apps.map_store import load_maps

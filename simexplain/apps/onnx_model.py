@@ -143,9 +143,14 @@ class OnnxModel:
         return (height, width) if isinstance(height, int) and isinstance(width, int) else None
 
     def fingerprint(self) -> str:
-        """A SHA-256 of the model's bytes: its ``.onnx`` file's, or those the session was
-        made from (weights kept in separate external-data files are not read), so that a
-        gallery index on disk recognises the model."""
+        """A SHA-256 of the model's bytes, so that a gallery index on disk recognises the
+        model: its ``.onnx`` file's and, for weights stored in external-data files, those
+        files' (each the ``.onnx`` file references, in the order of their names), or the
+        bytes the session was made from.
+
+        A model without external data keeps the SHA-256 of its ``.onnx`` file alone. Finding
+        the external-data files needs the ``onnx`` package (the onnx extra).
+        """
         # onnxruntime keeps what a session was made from in these attributes only
         data = getattr(self.session, "_model_bytes", None)
         path = getattr(self.session, "_model_path", None)
@@ -153,9 +158,8 @@ class OnnxModel:
         if data:
             digest.update(data)
         elif path and Path(path).is_file():
-            with open(path, "rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
+            if _hash_file(digest, Path(path)):
+                _hash_external_data(digest, Path(path))
         else:
             raise InputError(
                 "this ONNX Runtime session does not say which model file it runs, so a "
@@ -179,6 +183,71 @@ class OnnxModel:
 
     def __repr__(self) -> str:
         return f"OnnxModel(input={self.input_name!r} {self.shape}, output={self.output_name!r})"
+
+
+#: The key of a tensor's external-data entry naming its file: absent from a model's bytes,
+#: the model has no external data (so the common model is not parsed).
+_LOCATION = b"location"
+
+
+def _hash_file(digest: Any, path: Path) -> bool:
+    """Feed ``path``'s bytes to ``digest`` in blocks; whether they hold ``_LOCATION``."""
+    found, tail = False, b""
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+            found = found or _LOCATION in tail + block[:len(_LOCATION) - 1] or \
+                _LOCATION in block
+            tail = block[1 - len(_LOCATION):]
+    return found
+
+
+def _hash_external_data(digest: Any, path: Path) -> None:
+    """Feed ``digest`` each external-data file the model ``path`` references (its name,
+    size and bytes, in the order of the names)."""
+    for location in _external_locations(path):
+        file = path.parent / location
+        if not file.is_file():
+            raise InputError(f"the ONNX model {str(path)!r} keeps weights in {location!r}, "
+                             f"which is missing from {str(path.parent)!r}")
+        digest.update(f"\0{location}\0{file.stat().st_size}\0".encode())
+        _hash_file(digest, file)
+
+
+def _external_locations(path: Path) -> list[str]:
+    """The external-data files the tensors of the model ``path`` reference, sorted."""
+    try:
+        import onnx
+    except ImportError as error:
+        raise MissingExtraError(
+            f"the ONNX model {str(path)!r} may keep weights in external-data files, which a "
+            "gallery index on disk needs the onnx package to find: install simexplain's onnx "
+            "extra (pip install -e '.[onnx]' in a clone) or onnx"
+        ) from error
+    model = onnx.load(str(path), load_external_data=False)
+    graphs = [model.graph, *model.functions]
+    locations = set()
+    while graphs:  # the graphs' and functions' tensors, subgraphs (If, Loop, Scan) included
+        graph = graphs.pop()
+        tensors = [*getattr(graph, "initializer", ()),
+                   *_sparse_parts(getattr(graph, "sparse_initializer", ()))]
+        for node in graph.node:
+            for attribute in node.attribute:  # an unset field reads as an empty message
+                tensors += [attribute.t, *attribute.tensors,
+                            *_sparse_parts([attribute.sparse_tensor, *attribute.sparse_tensors])]
+                if attribute.HasField("g"):
+                    graphs.append(attribute.g)
+                graphs.extend(attribute.graphs)
+        locations.update(
+            entry.value for tensor in tensors
+            if tensor.data_location == onnx.TensorProto.EXTERNAL
+            for entry in tensor.external_data if entry.key == "location"
+        )
+    return sorted(locations)
+
+
+def _sparse_parts(sparse_tensors: Sequence[Any]) -> list[Any]:
+    return [part for sparse in sparse_tensors for part in (sparse.values, sparse.indices)]
 
 
 def as_model(model: Any, output: Union[None, int, str] = None) -> Any:

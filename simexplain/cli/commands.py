@@ -63,14 +63,14 @@ def _check_method(args: argparse.Namespace, given: Sequence[str] = ()) -> None:
     )
 
 
-#: ``explain``'s flags that are method options, by option name.
+#: The flags that are method options, by option name (``--point``: ``explain`` only).
 _OPTION_FLAGS = {"point": "--point", "n_masks": "--n-masks", "window": "--window",
                  "stride": "--stride"}
 
 
 def _method_options(args: argparse.Namespace) -> dict:
-    """``explain``'s method options from the command line: ``--point``, ``--n-masks``,
-    ``--window``, ``--stride``; a flag the method does not take is refused."""
+    """The method options the command line gives (those of ``_OPTION_FLAGS`` the command
+    has); a flag the method does not take is refused."""
     from ..apps.method_runner import option_names
     from ..methods.base import METHODS
 
@@ -78,7 +78,7 @@ def _method_options(args: argparse.Namespace) -> dict:
         return any(name in names for names in option_names(cls))
 
     options = {name: getattr(args, name) for name in _OPTION_FLAGS
-               if getattr(args, name) is not None}
+               if getattr(args, name, None) is not None}
     for name in options:
         if not takes(METHODS[args.method], name):
             takers = sorted(n for n, cls in METHODS.items() if takes(cls, name))
@@ -134,6 +134,8 @@ def explain_command(args: argparse.Namespace) -> int:
             f"got {len(args.labels)} label(s) for {len(args.images)} images; give one per image"
         )
     _check_figure_format(Path(args.out).suffix or ".png")
+    if args.correspondence:
+        return _correspondence(args)
     options = _method_options(args)
     _check_method(args, options)
     images = [load_image(path) for path in args.images]  # fails before the model loads
@@ -146,6 +148,39 @@ def explain_command(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     exp.save(out, dpi=args.dpi)
+    print(f"wrote {out}")
+    return 0
+
+
+def _correspondence(args: argparse.Namespace) -> int:
+    """``explain --correspondence``: which locations of a pair match which."""
+    from ..apps.correspondence import explain_correspondence
+    from ..data.preprocessing import load_image
+    from ..methods.defaults import DEFAULT_METHOD
+
+    from .onnx_models import is_onnx_file
+
+    if len(args.images) != 2:
+        raise InputError(f"--correspondence explains a pair; got {len(args.images)} images")
+    if is_onnx_file(args.model):
+        raise InputError("--correspondence reads the model's layers, which an ONNX model does "
+                         "not expose; pass the PyTorch model (--model, --weights)")
+    if args.method != DEFAULT_METHOD or _method_options(args):
+        raise InputError("--correspondence decomposes the default method's similarity; "
+                         "leave out --method and its options")
+    if args.matches < 1:
+        raise InputError(f"--matches must be at least 1, got {args.matches}")
+    images = [load_image(path) for path in args.images]  # fails before the model loads
+    model, _, transform = _load(args)
+    pair = explain_correspondence(model, images[0], images[1], layer=args.layer,
+                                  transform=transform, output=args.output)
+    (first,), (second,), (score,) = (part[:1].tolist() for part in pair.matches(1))
+    kind = "exact" if pair.exact else "estimated"
+    print(f"correspondence at layer {pair.layer!r} ({kind}): similarity {pair.score:.3g}; "
+          f"the strongest match joins pixel {tuple(first)} of the first image to "
+          f"{tuple(second)} of the second ({score:.3g})")
+    out = Path(args.out)
+    pair.save(out, n=args.matches, dpi=args.dpi)
     print(f"wrote {out}")
     return 0
 
@@ -176,7 +211,8 @@ def explain_dir_command(args: argparse.Namespace) -> int:
     from ..viz.figures import save_figure
 
     _check_retrieval_options(args)
-    _check_method(args)
+    options = _method_options(args)
+    _check_method(args, options)
     file_format = _check_figure_format(args.format)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -195,7 +231,7 @@ def explain_dir_command(args: argparse.Namespace) -> int:
     with progress_bar(len(queries), "explaining queries", "img", args.progress) as bar:
         for start in range(0, len(queries), args.batch_size):
             result = index.explain(images[start:start + args.batch_size], args.top_k,
-                                   args.method)
+                                   args.method, **options)
             similarities += result.similarities.tolist()
             indices += result.indices.tolist()
             for q in range(len(result)):
@@ -223,7 +259,8 @@ def report_command(args: argparse.Namespace) -> int:
     from ..data.image_files import list_labelled_images
 
     _check_retrieval_options(args)
-    _check_method(args)
+    options = _method_options(args)
+    _check_method(args, options)
     out = Path(args.out)
     check_report_destination(out)
     if not Path(args.gallery).is_dir():
@@ -252,6 +289,7 @@ def report_command(args: argparse.Namespace) -> int:
         cache=args.cache,
         progress=args.progress,
         title=args.title,
+        **options,
     )
     index = report.write(out)
     if args.cache is not None:

@@ -19,8 +19,10 @@ _DTYPES = ("float16", "bfloat16", "float32")
 
 
 def add_index_commands(commands: Any, model_options: argparse.ArgumentParser,
-                       retrieval_options: argparse.ArgumentParser) -> None:
-    """Add the ``index`` and ``retrieve`` sub-commands."""
+                       retrieval_options: argparse.ArgumentParser,
+                       blackbox_options: argparse.ArgumentParser) -> None:
+    """Add the ``index`` and ``retrieve`` sub-commands (``retrieve`` with the black-box
+    methods' flags)."""
     labelled = "(images in sub-folders are labelled with the sub-folder's name)"
     workers = argparse.ArgumentParser(add_help=False)
     workers.add_argument("--num-workers", type=int, default=0, metavar="N",
@@ -42,7 +44,7 @@ def add_index_commands(commands: Any, model_options: argparse.ArgumentParser,
     index.add_argument("--shard-size", type=int, default=1024, metavar="N",
                        help="gallery images per shard (default 1024)")
     retrieve = commands.add_parser(
-        "retrieve", parents=[model_options, retrieval_options, workers],
+        "retrieve", parents=[model_options, blackbox_options, retrieval_options, workers],
         help="search an index for every query and explain each match (and each failure)",
         description="For every query, find its top-k matches in the index and explain each "
         "(query, match) pair from the stored activations. Writes the maps (readable with "
@@ -107,15 +109,17 @@ def retrieve_command(args: argparse.Namespace) -> int:
 
     from ..apps.index import GalleryIndex, distributed
     from ..apps.index.to_disk import retrieve_to_disk
+    from .commands import _method_options
 
     if args.top_k < 1 or args.block_size < 1:
         raise InputError("--top-k and --block-size must be at least 1")
+    options = _method_options(args)
     model, transform = _load_for_rank(args)
     index = GalleryIndex.load(args.index, model, transform=transform)
     out = retrieve_to_disk(index, args.queries, args.out, top_k=args.top_k,
                            method=args.method, block_size=args.block_size,
                            batch_size=args.batch_size, num_workers=args.num_workers,
-                           progress=args.progress, report=not args.no_report)
+                           progress=args.progress, report=not args.no_report, **options)
     if distributed.is_main():
         summary = json.loads((Path(out) / "retrieval.json").read_text())
         recall = summary["recall_at_1"]

@@ -109,18 +109,45 @@ def _retrieval_options() -> argparse.ArgumentParser:
     return options
 
 
+def _blackbox_options() -> argparse.ArgumentParser:
+    """The black-box methods' flags, for every command that runs a method."""
+    options = argparse.ArgumentParser(add_help=False)
+    group = options.add_argument_group("black-box methods")
+    group.add_argument(
+        "--n-masks",
+        type=int,
+        metavar="N",
+        help="--method rise: random masks, forward passes per image (default 1000)",
+    )
+    group.add_argument(
+        "--window",
+        type=int,
+        metavar="PX",
+        help="--method sbsm: the occluding window's side in pixels of the model's input "
+        "(default a quarter of the image side)",
+    )
+    group.add_argument(
+        "--stride",
+        type=int,
+        metavar="PX",
+        help="--method sbsm: pixels between window centres (default half the window)",
+    )
+    return options
+
+
 def build_parser() -> _Parser:
     """The parser of every sub-command."""
     parser = _Parser(prog=PROG, description="Visual explanations for similarity models.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     model_options = _model_options()
     retrieval_options = _retrieval_options()
-    _add_explain(commands, model_options)
-    _add_explain_dir(commands, model_options, retrieval_options)
-    _add_report(commands, model_options, retrieval_options)
+    blackbox_options = _blackbox_options()
+    _add_explain(commands, model_options, blackbox_options)
+    _add_explain_dir(commands, model_options, blackbox_options, retrieval_options)
+    _add_report(commands, model_options, blackbox_options, retrieval_options)
     from .index_commands import add_index_commands
 
-    add_index_commands(commands, model_options, retrieval_options)
+    add_index_commands(commands, model_options, retrieval_options, blackbox_options)
     commands.add_parser(
         "demo",
         help="explain ImageNet EfficientNet-Lite0 on real photos offline, in under a minute "
@@ -131,10 +158,10 @@ def build_parser() -> _Parser:
     return parser
 
 
-def _add_explain(commands: Any, model_options: argparse.ArgumentParser) -> None:
+def _add_explain(commands: Any, *parents: argparse.ArgumentParser) -> None:
     explain = commands.add_parser(
         "explain",
-        parents=[model_options],
+        parents=list(parents),
         help="explain a pair, triplet or quadruplet of image files",
         description="Explain why the model embeds 2 (pair), 3 (triplet: anchor, positive, "
         "negative) or 4 (quadruplet) images close together or far apart.",
@@ -157,23 +184,18 @@ def _add_explain(commands: Any, model_options: argparse.ArgumentParser) -> None:
         "map shows where it matches that point",
     )
     explain.add_argument(
-        "--n-masks",
+        "--correspondence",
+        action="store_true",
+        help="pairs: draw which locations of the first image the model matched with which "
+        "of the second (lines between them, coloured by their share of the similarity) "
+        "instead of the maps",
+    )
+    explain.add_argument(
+        "--matches",
         type=int,
+        default=20,
         metavar="N",
-        help="--method rise: random masks, forward passes per image (default 1000)",
-    )
-    explain.add_argument(
-        "--window",
-        type=int,
-        metavar="PX",
-        help="--method sbsm: the occluding window's side in pixels of the model's input "
-        "(default a quarter of the image side)",
-    )
-    explain.add_argument(
-        "--stride",
-        type=int,
-        metavar="PX",
-        help="--method sbsm: pixels between window centres (default half the window)",
+        help="--correspondence: the number of strongest matches drawn (default 20)",
     )
     explain.add_argument("--out", default="simexplain.png", help="figure file (.png, .pdf, .svg)")
     explain.add_argument("--dpi", type=int, default=150, help="figure resolution (default 150)")

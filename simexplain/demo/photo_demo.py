@@ -9,9 +9,12 @@ simexplain's ``demo`` extra, nothing is downloaded). With the default method, th
 2. explains the tuple kinds: a same-class pair, a triplet and a quadruplet;
 3. ranks a gallery of photos for two queries (the scene and a motorcycle) and writes the
    HTML retrieval report, with each match's maps;
+4. matches the scene's locations with those of the same two objects the other way round
+   (coffee left, cat right, other crops): which part matched which
+   (:func:`~simexplain.explain_correspondence`);
 
-and writes its figures (``scene.png``, ``tuples.png``), the photos it used (``photos/``)
-and the report (``report/index.html``) to its output folder.
+and writes its figures (``scene.png``, ``tuples.png``, ``correspondence.png``), the
+photos it used (``photos/``) and the report (``report/index.html``) to its output folder.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from ..data.photos import OBJECT_PHOTOS, read_photo, square_photos
 from ..methods.defaults import DEFAULT_METHOD
 from ..viz.figures import plot_explanations, save_figure
 
-__all__ = ["VIEWS", "view", "two_object_scene", "run_photo_demo"]
+__all__ = ["VIEWS", "view", "two_object_scene", "swapped_scene", "run_photo_demo"]
 
 #: Views of objects in scikit-image's photos: name -> (photo, crop box as fractions of
 #: its width and height, mirrored).
@@ -59,6 +62,14 @@ def two_object_scene(size: int) -> Tensor:
     cat = read_photo("chelsea.png", (0.28, 0.0, 0.61, 1.0), half)
     coffee = read_photo("coffee.png", (0.30, 0.0, 0.63, 1.0), (size, size - size // 2))
     return torch.cat([cat, coffee], dim=-1)
+
+
+def swapped_scene(size: int) -> Tensor:
+    """The same two objects the other way round, cropped otherwise: the cup of coffee
+    (left half) next to the cat, mirrored (right half), ``(3, size, size)``."""
+    coffee = read_photo("coffee.png", (0.22, 0.05, 0.72, 1.0), (size, size // 2))
+    cat = read_photo("chelsea.png", (0.22, 0.05, 0.66, 0.95), (size, size - size // 2))
+    return torch.cat([coffee, cat.flip(-1)], dim=-1)
 
 
 def _explained(model: nn.Module, images: Tensor, labels: list) -> Explanation:
@@ -100,6 +111,21 @@ def _tuples(model: nn.Module, size: int, out: Path) -> str:
         explanations.append(exp)
     figure = plot_explanations(explanations, titles=list(tuples))
     return save_figure(figure, out / "tuples.png", dpi=80)
+
+
+def _correspondence(model: nn.Module, size: int, out: Path) -> str:
+    from ..apps.correspondence import explain_correspondence
+
+    pair = explain_correspondence(model, normalise(two_object_scene(size)),
+                                  normalise(swapped_scene(size)))
+    pair = dataclasses.replace(pair, mean=LITE_MEAN, std=LITE_STD)
+    points1, points2, _ = pair.matches(20)
+    cat1, cat2 = points1[:, 1] < size // 2, points2[:, 1] >= size // 2
+    same = float(((cat1 & cat2) | (~cat1 & ~cat2)).float().mean())
+    print(f"4. the scene against the same objects the other way round: {same:.0%} of the 20 "
+          f"strongest matches join the cat to the cat or the coffee to the coffee "
+          f"(similarity {pair.score:.2f})")
+    return save_figure(pair.plot(n=20), out / "correspondence.png", dpi=100)
 
 
 def _write_png(image: Tensor, path: Path) -> None:
@@ -154,7 +180,7 @@ def run_photo_demo(out: Path, size: int = 224, point_maps: bool = True,
           f"scikit-image; method {DEFAULT_METHOD!r} ({time.perf_counter() - started:.1f} s)",
           flush=True)
     steps = ((_scene, (model, size, out)), (_tuples, (model, size, out)),
-             (_retrieval, (model, size, out, point_maps)))
+             (_retrieval, (model, size, out, point_maps)), (_correspondence, (model, size, out)))
     for step, arguments in steps:
         begun = time.perf_counter()
         path = step(*arguments)

@@ -29,26 +29,14 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from math import prod
 from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor, fx
 
+from ._node_narrowing import Span, close, how_to_narrow, mapped_args
+
 __all__ = ["narrow_head"]
-
-
-@dataclass(frozen=True)
-class _Span:
-    """Positions ``[lo, hi)`` of axis ``axis`` (non-negative)."""
-
-    axis: int
-    lo: int
-    hi: int
-
-    @property
-    def length(self) -> int:
-        return self.hi - self.lo
 
 
 def narrow_head(
@@ -106,9 +94,9 @@ def _record(head: fx.GraphModule, inputs: Sequence[Tensor]) -> dict[fx.Node, Any
 
 @dataclass
 class _Plan:
-    demand: dict[fx.Node, _Span]        # nodes whose users read only a span of them
+    demand: dict[fx.Node, Span]        # nodes whose users read only a span of them
     narrowed: dict[fx.Node, dict]       # nodes computed narrowed: input -> span, + "args"
-    selects: dict[fx.Node, _Span]       # select nodes: the span of their input they read
+    selects: dict[fx.Node, Span]       # select nodes: the span of their input they read
 
 
 def _plan(head: fx.GraphModule, values: dict[fx.Node, Any]) -> Optional[_Plan]:
@@ -121,9 +109,10 @@ def _plan(head: fx.GraphModule, values: dict[fx.Node, Any]) -> Optional[_Plan]:
         if span is None:
             continue
         plan.demand[node] = span
-        how = _how_to_narrow(head, node, span, values)
+        how = how_to_narrow(head, node, span, values)
         if how is not None:
             plan.narrowed[node] = how
+            plan.selects.update(_selects_of(node, plan, values))
     # worth it only if some node computes at most half of the positions of its axis
     worth = any(
         isinstance(values[n], Tensor) and
@@ -133,7 +122,18 @@ def _plan(head: fx.GraphModule, values: dict[fx.Node, Any]) -> Optional[_Plan]:
     return plan if worth else None
 
 
-def _users_demand(node: fx.Node, plan: _Plan, values: dict) -> Optional[_Span]:
+def _selects_of(node: fx.Node, plan: _Plan, values: dict) -> dict[fx.Node, Span]:
+    """The selects of a narrowed ``node`` that are computed whole, by the span they read
+    (the rewrite shifts their index into the narrowed part)."""
+    found = {}
+    for user in node.users:
+        selected = _selected_span(user, node, values)
+        if selected is not None and user not in plan.demand:
+            found[user] = selected
+    return found
+
+
+def _users_demand(node: fx.Node, plan: _Plan, values: dict) -> Optional[Span]:
     spans = []
     for user in node.users:
         if not user.users and user.op != "output":
@@ -144,17 +144,14 @@ def _users_demand(node: fx.Node, plan: _Plan, values: dict) -> Optional[_Span]:
         spans.append(span)
     if not spans or any(s.axis != spans[0].axis for s in spans):
         return None
-    return _Span(spans[0].axis, min(s.lo for s in spans), max(s.hi for s in spans))
+    return Span(spans[0].axis, min(s.lo for s in spans), max(s.hi for s in spans))
 
 
-def _read_by(user: fx.Node, node: fx.Node, plan: _Plan, values: dict) -> Optional[_Span]:
+def _read_by(user: fx.Node, node: fx.Node, plan: _Plan, values: dict) -> Optional[Span]:
     """The span of ``node`` that ``user`` reads (``None``: all of it)."""
     selected = _selected_span(user, node, values)
     if selected is not None:
-        if user not in plan.demand:
-            plan.selects[user] = selected
-            return selected
-        return None
+        return selected if user not in plan.demand else None
     how = plan.narrowed.get(user)
     if how is None or node not in how["inputs"]:
         return None
@@ -163,7 +160,7 @@ def _read_by(user: fx.Node, node: fx.Node, plan: _Plan, values: dict) -> Optiona
     return how["inputs"][node]
 
 
-def _selected_span(user: fx.Node, node: fx.Node, values: dict) -> Optional[_Span]:
+def _selected_span(user: fx.Node, node: fx.Node, values: dict) -> Optional[Span]:
     """The span read by ``user = node[index]`` when ``index`` keeps the batch axis and
     picks one position or a slice of one other axis (class-token pooling)."""
     if not (user.op == "call_function" and user.target is operator.getitem
@@ -179,145 +176,11 @@ def _selected_span(user: fx.Node, node: fx.Node, values: dict) -> Optional[_Span
     size = values[node].shape[axis]
     if isinstance(entry, int):
         lo = entry % size
-        return _Span(axis, lo, lo + 1)
+        return Span(axis, lo, lo + 1)
     if isinstance(entry, slice) and entry.step in (None, 1):
         lo, hi, _ = entry.indices(size)
-        return _Span(axis, lo, hi) if hi > lo else None
+        return Span(axis, lo, hi) if hi > lo else None
     return None
-
-
-def _how_to_narrow(head: fx.GraphModule, node: fx.Node, span: _Span,
-                   values: dict) -> Optional[dict]:
-    """The spans of its inputs that ``node`` needs to compute only ``span`` (and its
-    arguments rewritten for it), checked on the recorded values; ``None`` if none work."""
-    for inputs, args, first_only in _candidates(node, span, values):
-        if _commutes(head, node, span, inputs, args, first_only, values):
-            return {"inputs": inputs, "args": args, "first_only": first_only}
-    return None
-
-
-def _candidates(node: fx.Node, span: _Span, values: dict) -> list[tuple[dict, tuple, bool]]:
-    """Ways to compute ``node`` narrowed: the spans of its inputs, its arguments, and
-    whether only its first argument is narrowed (the queries of an attention)."""
-    out = values[node]
-    if node.op == "call_function" and node.target is operator.getitem and \
-            isinstance(values.get(node.args[0]), (tuple, list)):
-        return [({node.args[0]: span}, node.args, False)]  # an element of a narrowed tuple
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
-        out = out[0]  # e.g. (attention output, weights)
-    elif not isinstance(out, Tensor):
-        return []
-    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
-    first = node.args[0] if node.args else None
-    if isinstance(first, fx.Node) and isinstance(values.get(first), Tensor):
-        moved = _moved_axis(name, node, span, values[first], out)
-        if moved is not None:
-            axis, args = moved
-            return [({first: _Span(axis, span.lo, span.hi)}, args, False)]
-    carriers = [a for a in node.all_input_nodes
-                if _aligned_axis(values.get(a), out, span) is not None]
-    spans = {a: _Span(_aligned_axis(values[a], out, span), span.lo, span.hi) for a in carriers}
-    found = [(spans, node.args, False)] if carriers else []
-    if first in spans and len(node.args) > 1:
-        # an attention: narrowed queries, whole keys and values
-        found.append(({first: spans[first]}, node.args, True))
-    return found
-
-
-def _aligned_axis(value: Any, out: Tensor, span: _Span) -> Optional[int]:
-    """The axis of ``value`` aligned from the right with ``out``'s ``span.axis``, if it
-    has the same size there (a tensor carrying the positions)."""
-    if not isinstance(value, Tensor):
-        return None
-    axis = span.axis - (out.dim() - value.dim())
-    if axis < 0 or value.shape[axis] != out.shape[span.axis] or value.shape[axis] == 1:
-        return None
-    return axis
-
-
-def _moved_axis(name: str, node: fx.Node, span: _Span, source: Tensor,
-                out: Any) -> Optional[tuple[int, tuple]]:
-    """For ops that move axes: the input axis of ``span.axis`` and the arguments that
-    compute the narrowed result."""
-    if name in ("reshape", "view") and isinstance(out, Tensor):
-        before = prod(out.shape[: span.axis])
-        axis = next((a for a in range(source.dim()) if prod(source.shape[:a]) == before
-                     and source.shape[a] == out.shape[span.axis]), None)
-        if axis is None:
-            return None
-        sizes = _listed(node.args[1:])
-        if len(sizes) != out.dim():
-            return None
-        sizes[span.axis] = span.length
-        return axis, (node.args[0], *sizes)
-    if name == "permute" and isinstance(out, Tensor):
-        return _listed(node.args[1:])[span.axis] % source.dim(), node.args
-    if name == "transpose" and isinstance(out, Tensor) and len(node.args) == 3:
-        d0, d1 = (int(d) % source.dim() for d in node.args[1:])
-        swap = {d0: d1, d1: d0}
-        return swap.get(span.axis, span.axis), node.args
-    if name == "unbind" and isinstance(out, (tuple, list)):
-        dim = int(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0))
-        dim %= source.dim()
-        return (span.axis if span.axis < dim else span.axis + 1), node.args
-    return None
-
-
-def _listed(args: tuple) -> list:
-    """``x.reshape(a, b)`` and ``x.reshape((a, b))``'s sizes alike (permute's dims too)."""
-    return list(args[0]) if len(args) == 1 and isinstance(args[0], (tuple, list)) else list(args)
-
-
-def _commutes(head: fx.GraphModule, node: fx.Node, span: _Span, inputs: dict, args: tuple,
-              first_only: bool, values: dict) -> bool:
-    def narrowed(arg: fx.Node) -> Any:
-        value, part = values[arg], inputs.get(arg)
-        if part is None:
-            return value
-        if isinstance(value, (tuple, list)):
-            return tuple(v.narrow(part.axis, part.lo, part.length) if isinstance(v, Tensor)
-                         else v for v in value)
-        return value.narrow(part.axis, part.lo, part.length)
-
-    new_args, new_kwargs = _mapped(args, node.kwargs, first_only, narrowed, lambda a: values[a])
-    with torch.no_grad():
-        result = _call(head, node, new_args, new_kwargs)
-    expected = values[node]
-    if node.op == "call_function" and node.target is operator.getitem and \
-            isinstance(values.get(node.args[0]), (tuple, list)):
-        return _close(result, expected.narrow(span.axis, span.lo, span.length))
-    if isinstance(expected, (tuple, list)):
-        return len(result) == len(expected) and all(
-            _close(r, e.narrow(span.axis, span.lo, span.length)) if isinstance(e, Tensor)
-            else r is None and e is None
-            for r, e in zip(result, expected))
-    return _close(result, expected.narrow(span.axis, span.lo, span.length))
-
-
-def _mapped(args: tuple, kwargs: dict, first_only: bool, narrowed: Any,
-            whole: Any) -> tuple[Any, Any]:
-    """``args`` and ``kwargs`` with their nodes replaced: the first argument by
-    ``narrowed`` and the rest by ``whole`` when ``first_only``, all by ``narrowed``
-    otherwise."""
-    if not first_only:
-        return fx.node.map_arg(args, narrowed), fx.node.map_arg(kwargs, narrowed)
-    return ((narrowed(args[0]), *fx.node.map_arg(args[1:], whole)),
-            fx.node.map_arg(kwargs, whole))
-
-
-def _call(head: fx.GraphModule, node: fx.Node, args: Any, kwargs: Any) -> Any:
-    if node.op == "call_module":
-        return head.get_submodule(node.target)(*args, **kwargs)
-    if node.op == "call_method":
-        return getattr(args[0], node.target)(*args[1:], **kwargs)
-    return node.target(*args, **kwargs)
-
-
-def _close(a: Any, b: Any) -> bool:
-    if not (isinstance(a, Tensor) and isinstance(b, Tensor)) or a.shape != b.shape:
-        return False
-    scale = float(b.detach().abs().max()) or 1.0
-    return bool(((a.float() - b.float()).abs().max() <= 1e-4 * scale).item())
 
 
 # ---------------------------------------------------------------------- the rewrite
@@ -326,9 +189,9 @@ def _close(a: Any, b: Any) -> bool:
 def _rewrite(graph: fx.Graph, plan: _Plan, values: dict) -> fx.Graph:
     new = fx.Graph()
     whole: dict[fx.Node, fx.Node] = {}
-    parts: dict[fx.Node, tuple[fx.Node, _Span]] = {}
+    parts: dict[fx.Node, tuple[fx.Node, Span]] = {}
 
-    def part_of(node: fx.Node, span: _Span) -> fx.Node:
+    def part_of(node: fx.Node, span: Span) -> fx.Node:
         if node in parts:
             built, held = parts[node]
             if held == span:
@@ -355,17 +218,19 @@ def _rewrite(graph: fx.Graph, plan: _Plan, values: dict) -> fx.Graph:
             def mapped(arg: fx.Node, inputs: dict = inputs) -> fx.Node:
                 return part_of(arg, inputs[arg]) if arg in inputs else whole[arg]
 
-            args, kwargs = _mapped(how["args"], node.kwargs, how["first_only"], mapped,
-                                   lambda arg: whole[arg])
+            args, kwargs = mapped_args(how["args"], node.kwargs, how["first_only"], mapped,
+                                       lambda arg: whole[arg])
             built = new.create_node(node.op, node.target, args, kwargs, name=node.name)
             parts[node] = (built, plan.demand[node])
         elif node in plan.selects and node.args[0] in parts:
             source, held = parts[node.args[0]]
             index = list(node.args[1])
             entry = index[held.axis]
-            index[held.axis] = entry - held.lo if isinstance(entry, int) else \
-                slice(entry.indices(values[node.args[0]].shape[held.axis])[0] - held.lo,
-                      entry.indices(values[node.args[0]].shape[held.axis])[1] - held.lo)
+            if isinstance(entry, int):
+                index[held.axis] = entry - held.lo
+            else:
+                lo, hi, _ = entry.indices(values[node.args[0]].shape[held.axis])
+                index[held.axis] = slice(lo - held.lo, hi - held.lo)
             whole[node] = new.call_function(operator.getitem, (source, tuple(index)))
         else:
             whole[node] = new.node_copy(node, lambda arg: whole[arg])
@@ -391,8 +256,8 @@ def _same(head: fx.GraphModule, narrowed: fx.GraphModule, inputs: Sequence[Tenso
             gradient, = torch.autograd.grad(total, leaf)
             results.append((tensors, gradient))
         (a, grad_a), (b, grad_b) = results
-        if len(a) != len(b) or not all(_close(x, y) for x, y in zip(b, a)) or \
-                not _close(grad_b, grad_a):
+        if len(a) != len(b) or not all(close(x, y) for x, y in zip(b, a)) or \
+                not close(grad_b, grad_a):
             return False
     return True
 

@@ -9,6 +9,7 @@ the layer's resolution. A method is also an ``explain_fn(model, tuples)`` for
 A GradCAM-style method is its per-image score, a
 :class:`~simexplain.engine.SimilarityScore`, on the shared engine; adding one is a score
 class and a small :class:`SimilarityMethod` that hands it to :meth:`~SimilarityMethod.gradcam`.
+Which location matches which across a pair: :class:`PairCorrespondence`.
 
 ==================  ==========================================================  ==========
 name                what a map shows                                            tuples
@@ -39,8 +40,8 @@ torch.Size([1, 2, 2, 2])
 """
 
 from . import (
-    base, centre, contribution, cosine, decomposition, defaults, pair_classifier, psam, sam,
-    sam_variants,
+    base, centre, contribution, correspondence, cosine, decomposition, defaults,
+    pair_classifier, psam, sam, sam_variants,
 )
 from .base import *  # noqa: F403
 from .defaults import *  # noqa: F403
@@ -52,6 +53,7 @@ from .sam_variants import *  # noqa: F403
 from .cosine import *  # noqa: F403
 from .decomposition import *  # noqa: F403
 from .pair_classifier import *  # noqa: F403
+from .correspondence import *  # noqa: F403
 from .blackbox import RISE, SBSM, BlackBoxMethod  # noqa: F401  (registers "sbsm", "rise")
 
 __all__ = [
@@ -65,4 +67,5 @@ __all__ = [
     *cosine.__all__,
     *decomposition.__all__,
     *pair_classifier.__all__,
+    *correspondence.__all__,
 ]

@@ -21,7 +21,7 @@ from .centre import CentredMethod
 from .cosine import check_centre
 from .cosine import check_coefficients
 
-__all__ = ["Stylianou", "PointSpecific"]
+__all__ = ["Stylianou", "PointSpecific", "pair_intensity"]
 
 HeadSpec = Union[str, None, nn.Module]
 
@@ -159,17 +159,22 @@ class Stylianou(CentredMethod):
         shares, embeddings = self.centred_shares(*located)
         return _decomposed_maps(shares, embeddings, matrix.to(shares))
 
-    def centred_shares(self, shares: Tensor, embeddings: Tensor) -> tuple[Tensor, Tensor]:
+    def centred_shares(
+        self, shares: Tensor, embeddings: Tensor, basis: Optional[Tensor] = None
+    ) -> tuple[Tensor, Tensor]:
         """Location shares ``(T, B, d, h, w)`` and embeddings ``(T, B, d)`` measured from
         the centre, as unit embeddings ``z`` (with their shares) when there is one, else
-        unchanged (the formulas above divide by the norms)."""
+        unchanged (the formulas above divide by the norms). With ``basis`` ``(k, d)`` the
+        shares are of the ``k`` coordinates ``basis @ f`` (``(T, B, k, h, w)``) and the
+        centre is taken into that basis; the embeddings stay in all ``d``."""
         if self.centre is None:
             return shares, embeddings
         norms = embeddings.norm(dim=-1).clamp_min(1e-12)[..., None]  # (T, B, 1)
         centre = self.centre.to(embeddings)
         check_centre(centre, embeddings)
         lengths = (embeddings / norms - centre).norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        located = (shares / norms[..., None, None] - centre[:, None, None])
+        shift = centre if basis is None else basis.to(centre) @ centre
+        located = shares / norms[..., None, None] - shift[:, None, None]
         return located / lengths[..., None, None], (embeddings / norms - centre) / lengths
 
 
@@ -181,6 +186,17 @@ def _decomposed_maps(shares: Tensor, embeddings: Tensor, coefficients: Tensor) -
     partner = torch.einsum("ij,jbd->ibd", coefficients, unit)
     maps = torch.einsum("ibdhw,ibd->ibhw", shares, partner) / (h * w * norms[..., None, None])
     return maps.transpose(0, 1)
+
+
+def pair_intensity(shares1: Tensor, shares2: Tensor, embeddings1: Tensor,
+                   embeddings2: Tensor) -> Tensor:
+    """``S(p, q) = e_1(p) . e_2(q) / (h w h' w' |f1| |f2|)``, ``(B, h, w, h', w')``, from
+    location shares ``(B, k, h, w)`` and ``(B, k, h', w')`` whose spatial means are (the
+    located part of) the embeddings ``(B, d)``, in any common basis of ``k`` coordinates."""
+    norms = embeddings1.norm(dim=-1).clamp_min(1e-12) * embeddings2.norm(dim=-1).clamp_min(1e-12)
+    cells = shares1.shape[-2] * shares1.shape[-1] * shares2.shape[-2] * shares2.shape[-1]
+    intensity = torch.einsum("bkhw,bkyx->bhwyx", shares1, shares2)
+    return intensity / (cells * norms)[:, None, None, None, None]
 
 
 def _close(predicted: Tensor, actual: Tensor) -> bool:
@@ -240,11 +256,7 @@ class PointSpecific(Stylianou):
         if len(slots) != 2:
             raise InputError(f"point_to_point explains pairs; got {len(slots)} image batches")
         shares, embeddings = self.centred_shares(*self.location_embeddings(slots))
-        h, w = shares.shape[-2:]
-        norms = embeddings.norm(dim=-1).clamp_min(1e-12)
-        scale = (h * w) ** 2 * norms[0] * norms[1]
-        intensity = torch.einsum("bdhw,bdyx->bhwyx", shares[0], shares[1])
-        return intensity / scale[:, None, None, None, None]
+        return pair_intensity(shares[0], shares[1], embeddings[0], embeddings[1])
 
     @staticmethod
     def _grid_points(

@@ -280,6 +280,9 @@ def test_retrieve_to_disk_writes_maps_tables_and_resumes(tmp_path, gallery):
         sum(LABELS[int(expected.indices[q, 0])] == labels[q] for q in range(5)) / 5)
     with pytest.raises(InputError, match="another retrieval run"):
         retrieve_to_disk(index, queries, tmp_path, top_k=3, report=False)
+    with pytest.raises(InputError, match="method options"):  # another reference, same rest
+        retrieve_to_disk(index, queries, tmp_path, top_k=2, labels=labels, report=False,
+                         reference=index.embeddings[:4])
 
 
 def test_retrieve_to_disk_writes_a_report_that_loads_queries_lazily(tmp_path, gallery):

@@ -1,17 +1,23 @@
 """ONNX Runtime models through ``explain()``: the black-box maps equal the PyTorch module's,
-fixed batch sizes are fed a batch at a time, gradient methods are refused. The models are
-exported here (skipped without the onnx extra)."""
+fixed batch sizes are fed a batch at a time, gradient methods are refused; the fingerprint
+covers weights kept in external-data files. The models are exported here (skipped without
+the onnx extra)."""
 
 from __future__ import annotations
 
+import hashlib
 import sys
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from onnx_export import export, exported_resnet
-from simexplain import InputError, explain
+from onnx_linear import save_linear
+from simexplain import GalleryIndex, InputError, explain
+from simexplain.apps import onnx_model
+from simexplain.apps.index import IndexMismatchError
 from simexplain.apps.onnx_model import OnnxModel, as_model
 from simexplain.errors import MissingExtraError
 
@@ -93,3 +99,54 @@ def test_without_onnxruntime_the_error_names_the_extra(monkeypatch):
     with pytest.raises(MissingExtraError, match=r"onnxruntime, which is not installed: "
                        r"install simexplain's onnx extra"):
         explain("model.onnx", torch.rand(2, 3, 16, 16), [0, 0], method="rise")
+
+
+WEIGHTS = np.linspace(-1, 1, 3 * 8 * 8 * 5, dtype=np.float32).reshape(-1, 5)
+
+
+def test_the_fingerprint_covers_the_external_weights(tmp_path, monkeypatch):
+    path = save_linear(tmp_path / "linear.onnx", WEIGHTS, external=True)
+    model = OnnxModel(path, providers=["CPUExecutionProvider"])
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(model(x), x.flatten(1) @ torch.from_numpy(WEIGHTS))
+    graph = (tmp_path / "linear.onnx").read_bytes()
+    first = model.fingerprint()
+    assert first != hashlib.sha256(graph).hexdigest()  # more than the .onnx file
+    assert model.fingerprint() == first
+    assert OnnxModel(path, providers=["CPUExecutionProvider"]).fingerprint() == first
+
+    data = tmp_path / "weights.bin"
+    weights = data.read_bytes()
+    data.write_bytes(weights[:-1] + bytes([weights[-1] ^ 1]))  # same size, other weights
+    assert model.fingerprint() != first
+    assert (tmp_path / "linear.onnx").read_bytes() == graph
+    data.write_bytes(weights)
+    assert model.fingerprint() == first
+    with monkeypatch.context() as patch:
+        patch.setitem(sys.modules, "onnx", None)
+        with pytest.raises(MissingExtraError, match="needs the onnx package to find"):
+            model.fingerprint()
+    data.unlink()
+    with pytest.raises(InputError, match="keeps weights in 'weights.bin', which is missing"):
+        model.fingerprint()
+
+
+def test_without_external_data_the_fingerprint_is_the_files_hash(tmp_path, monkeypatch):
+    path = save_linear(tmp_path / "linear.onnx", WEIGHTS, external=False)
+
+    def parsed(path):
+        raise AssertionError("a model without external data is not parsed")
+
+    monkeypatch.setattr(onnx_model, "_external_locations", parsed)
+    expected = hashlib.sha256((tmp_path / "linear.onnx").read_bytes()).hexdigest()
+    assert OnnxModel(path, providers=["CPUExecutionProvider"]).fingerprint() == expected
+
+
+def test_an_index_on_disk_refuses_other_external_weights(tmp_path):
+    path = save_linear(tmp_path / "linear.onnx", WEIGHTS, external=True)
+    images = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    GalleryIndex.build(path, images, path=tmp_path / "index")
+    GalleryIndex.load(tmp_path / "index", path, gallery=images)
+    (tmp_path / "weights.bin").write_bytes((WEIGHTS * 2).tobytes())  # the .onnx file as it was
+    with pytest.raises(IndexMismatchError, match="built with other model weights"):
+        GalleryIndex.load(tmp_path / "index", path, gallery=images)

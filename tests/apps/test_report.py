@@ -216,6 +216,16 @@ def test_retrieval_report_explains_the_top_matches(folders, model):
             gallery_labels=gallery_labels, preprocessing=PREP, top_k=3,
         )
     assert report.point_maps_note == ""
+    gallery_images = torch.stack([PREP.transform(Image.open(p).convert("RGB"))
+                                  for p in gallery_paths])
+    with torch.no_grad():
+        centre = nn.functional.normalize(model(gallery_images), dim=-1).mean(0)
+
+    def centred(images):
+        with torch.no_grad():
+            z = nn.functional.normalize(model(images), dim=-1) - centre
+        return nn.functional.normalize(z, dim=-1)
+
     for card, query in zip(report.cards, query_paths):
         assert len(card.matches) == 3
         top = card.matches[0]
@@ -227,23 +237,25 @@ def test_retrieval_report_explains_the_top_matches(folders, model):
         for match in card.matches:
             assert match.match_map.shape == match.query_map.shape == (64, 64)
             assert 0 <= float(match.match_map.min()) and float(match.match_map.max()) <= 1
-            # resnet18 at 64 px: a 2x2 grid; S(p, q) sums to the cosine
+            # resnet18 at 64 px: a 2x2 grid; the correspondence sums to the cosine measured
+            # from the gallery's mean, as the default maps are
             assert match.point_maps.shape == (2, 2, 2, 2)
-            assert float(match.point_maps.sum()) == pytest.approx(match.similarity, abs=1e-4)
+            z = centred(torch.stack([card.image, match.image]))
+            assert float(match.point_maps.sum()) == pytest.approx(float(z[0] @ z[1]), abs=1e-4)
 
 
-def test_models_without_pooled_linear_embeddings_get_a_note_instead_of_point_maps(tmp_path):
+def test_models_with_other_heads_get_estimated_point_maps(tmp_path):
     model = nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Conv2d(3, 4, 3, stride=4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
         nn.Linear(4, 4), nn.Tanh(),
     )
     files = [write_image(tmp_path / f"{i}.png", (50 * i, 90, 20), i, size=16) for i in range(3)]
-    report = retrieval_report(model, files[:1], files, preprocessing=PREP, top_k=2)
-    assert "linear function of the global average" in report.point_maps_note
-    assert all(m.point_maps is None for m in report.cards[0].matches)
-    text, data = page_data(report.write(tmp_path / "report"))
-    assert "Point maps unavailable" in text
-    assert data["cards"][0]["matches"] == [None, None]
+    report = retrieval_report(model, files[:1], files, preprocessing=PREP, top_k=2,
+                              layer="1")
+    assert report.point_maps_note == ""
+    assert all(m.point_maps.shape == (4, 4, 4, 4) for m in report.cards[0].matches)
+    _, data = page_data(report.write(tmp_path / "report"))
+    assert all(m is not None for m in data["cards"][0]["matches"])
 
 
 def test_report_cli_writes_the_report_and_updates_its_cache(folders, tmp_path, capsys):

@@ -66,10 +66,10 @@ def test_photo_demo_writes_its_figures_and_report(tmp_path, capsys, monkeypatch,
     printed = capsys.readouterr().out
     for line in ("1. a scene of a cat and a cup of coffee", "2. same-class pair",
                  "2. triplet", "2. quadruplet", "3. query cat-and-coffee.png: top 3 of 16",
-                 "3. query view.png", "wall time "):
+                 "3. query view.png", "4. the scene against the same objects", "wall time "):
         assert line in printed
-    assert sorted(p.name for p in out.iterdir()) == ["photos", "report", "scene.png",
-                                                    "tuples.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["correspondence.png", "photos", "report",
+                                                    "scene.png", "tuples.png"]
     assert (out / "report" / "index.html").is_file()
     assert len(list((out / "photos" / "gallery").glob("*/*.png"))) == 16
     assert not list(out.glob("**/*.tmp"))
@@ -97,6 +97,8 @@ def test_photo_demo_on_the_real_network(tmp_path, capsys):
     assert shares is not None, printed
     assert int(shares.group(1)) > 60 and int(shares.group(2)) > 60
     assert "top 3 of 16 gallery photos: chelsea" in printed
+    joined = re.search(r"(\d+)% of the 20 strongest matches join the cat to the cat", printed)
+    assert joined is not None and int(joined.group(1)) >= 80, printed
     assert (tmp_path / "scene.png").is_file() and (tmp_path / "report" / "index.html").is_file()
 
 

@@ -16,7 +16,7 @@ default for a model that is not a PyTorch module) perturbs the images instead
 from __future__ import annotations
 
 from functools import partial
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -28,10 +28,12 @@ from ...engine.stored import attribute_against, attribute_stored, run_trunk
 from ...engine.state import model_device
 from ...errors import InputError
 from ...methods.base import SimilarityMethod, get_method, score_methods
+from ...methods.correspondence import PairCorrespondence
 from ...methods.decomposition import Stylianou
 from ...methods.defaults import DEFAULT_BLACKBOX_METHOD, DEFAULT_METHOD
 from ..method_runner import build_method, option_names, run_method
 from . import distributed
+from .correspondences import correspondence_method, match_correspondences
 from .decomposed import decompose_stored
 from .result import RetrievalFailures, RetrievalResult
 
@@ -57,6 +59,7 @@ def explain_queries(
     approximate: bool = False,
     chunk_size: Optional[int] = None,
     across_ranks: bool = True,
+    correspondence: Union[bool, dict[str, Any]] = False,
     **method_options: Any,
 ) -> RetrievalResult:
     """Search the gallery for each query and explain each (query, match) pair.
@@ -82,12 +85,18 @@ def explain_queries(
             ``batch_size=`` is perturbed images per forward pass).
         across_ranks: under ``torchrun``, each rank explains its share of the queries and
             every rank gets the whole result; ``False``: explain all of them here.
+        correspondence: also match each query's locations with each match's
+            (``result.correspondences``, a :class:`~simexplain.Correspondence` per pair),
+            from the stored values; ``True``, or a dict of
+            :class:`~simexplain.methods.PairCorrespondence`'s options (``projections=``,
+            ``seed=``, ``reference=``; by default measured from the gallery's embeddings).
         **method_options: the method's options (e.g. ``reference=``).
     """
     if (queries is None) == (query_embeddings is None):
         raise InputError("pass either queries (images) or query_embeddings=, not both")
     blackbox = index.blackbox or (method is not None and get_method(method).blackbox)
     name = method or (DEFAULT_BLACKBOX_METHOD if index.blackbox else DEFAULT_METHOD)
+    pairing = _pairing(index, correspondence, blackbox, query_embeddings is not None)
     if blackbox:
         from .blackbox_explain import black_box_explainers
 
@@ -96,7 +105,7 @@ def explain_queries(
     else:
         built, run_options = _built_method(index, name, method_options)
         explain_images = partial(_explain_images, index, built, run_options,
-                                 chunk_size=chunk_size)
+                                 chunk_size=chunk_size, pairing=pairing)
         explain_embeddings = partial(_explain_embeddings, index, built, run_options,
                                      chunk_size=chunk_size)
     images = None if queries is None else _query_images(index, queries)
@@ -131,7 +140,26 @@ def explain_queries(
         failures=_joined(failures) if labels is not None and index.labels is not None else None,
         query_images=None if images is None else images.cpu(),
         index=index,
+        correspondences=None if pairing is None else
+        [row for p in parts for row in p["correspondences"]],
     )
+
+
+def _pairing(index: "GalleryIndex", correspondence: Union[bool, dict[str, Any]],
+             blackbox: bool, embeddings_only: bool) -> Optional[PairCorrespondence]:
+    if correspondence is False:
+        return None
+    if blackbox or embeddings_only:
+        raise InputError(
+            "correspondence=True matches the locations of a query image and a match through "
+            "the model's layer; it needs a PyTorch model and query images"
+            + (", not query_embeddings" if embeddings_only else
+               ", not a model without gradients")
+        )
+    if correspondence is not True and not isinstance(correspondence, dict):
+        raise InputError(f"correspondence must be True, False or a dict of options, got "
+                         f"{correspondence!r}")
+    return correspondence_method(index, {} if correspondence is True else correspondence)
 
 
 def _built_method(index: "GalleryIndex", name: str, options: dict) -> tuple[SimilarityMethod, dict]:
@@ -194,7 +222,8 @@ def _pairs_result(index: "GalleryIndex", method: SimilarityMethod, run_options: 
 
 def _explain_images(index: "GalleryIndex", method: SimilarityMethod, run_options: dict,
                     images: Tensor, top_k: int, labels: Optional[list], approximate: bool,
-                    chunk_size: Optional[int]) -> tuple[dict, Optional[RetrievalFailures]]:
+                    chunk_size: Optional[int], pairing: Optional[PairCorrespondence] = None,
+                    ) -> tuple[dict, Optional[RetrievalFailures]]:
     device = model_device(index.model) or torch.device("cpu")
     images = images.to(device)
     if index.split is not None:
@@ -221,6 +250,9 @@ def _explain_images(index: "GalleryIndex", method: SimilarityMethod, run_options
     part = {"indices": rows, "similarities": similarities, "query_maps": joined[:, :, 0],
             "gallery_maps": joined[:, :, 1],
             "scores": torch.cat(scores).reshape(images.shape[0], k, 2)}
+    if pairing is not None:
+        part["correspondences"] = match_correspondences(index, pairing, images, crossing, raw,
+                                                        rows, PAIR_BLOCK)
     failures = None
     if labels is not None and index.labels is not None:
         failures = _failures(index, method, run_options, images, raw, crossing, rows, labels,

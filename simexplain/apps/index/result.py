@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
@@ -13,6 +14,7 @@ from ...errors import InputError
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+    from ..correspondence import Correspondence
     from .gallery_index import GalleryIndex
 
 __all__ = ["RetrievalResult", "RetrievalFailures"]
@@ -70,6 +72,9 @@ class RetrievalResult:
             them from.
         names: a name per match of each query, when there is no index to name them.
         mean, std: the images' normalisation, undone for display (default: the index's).
+        correspondences: with ``correspondence=True``, ``[Q][k]``: which locations of
+            each query match which of each match (:meth:`correspondence` adds the
+            match's image for plotting).
     """
 
     indices: Tensor
@@ -86,6 +91,7 @@ class RetrievalResult:
     names: Optional[list[list[str]]] = None
     mean: Optional[Sequence[float]] = None
     std: Optional[Sequence[float]] = None
+    correspondences: Optional[list[list["Correspondence"]]] = None
 
     def __len__(self) -> int:
         return int(self.indices.shape[0])
@@ -143,6 +149,17 @@ class RetrievalResult:
             self.similarities[query], mean=mean, std=std, gallery_titles=names,
             query_title=query_title, cmap=cmap, alpha=alpha, method=self.method,
         )
+
+    def correspondence(self, query: int, match: int) -> "Correspondence":
+        """Which locations of query ``query`` match which of its ``match``-th match, with
+        both images (for :meth:`~simexplain.Correspondence.plot`)."""
+        if self.correspondences is None:
+            raise InputError("the result has no correspondences; explain with "
+                             "correspondence=True")
+        found = self.correspondences[query][match]
+        if found.image2 is None:
+            found = dataclasses.replace(found, image2=self.matches(query)[match])
+        return found
 
     def to_dict(self, query: int) -> dict[str, Any]:
         """Query ``query``'s matches as plain data (names, similarities, labels)."""

@@ -95,7 +95,8 @@ def retrieve_to_disk(
     if distributed.is_main():
         blocks_dir.mkdir(parents=True, exist_ok=True)
         _claim(folder, {"index": index.manifest["fingerprint"], "queries": source.names,
-                        "top_k": top_k, "method": method, "block_size": block_size})
+                        "top_k": top_k, "method": method, "block_size": block_size,
+                        "options": _options_key(method_options)})
     distributed.barrier()
     bar = progress_bar(len(source), "explaining queries", "query",
                        progress if distributed.is_main() else False)
@@ -137,9 +138,25 @@ def _claim(folder: Path, key: dict) -> None:
     file = folder / _BLOCKS / "run.json"
     if file.is_file() and json.loads(file.read_text()) != key:
         raise InputError(f"{folder} holds the results of another retrieval run (other "
-                         "index, queries, top_k or method); choose another --out or delete it")
+                         "index, queries, top_k, method or method options); choose another "
+                         "--out or delete it")
     text = json.dumps(key).encode()
     atomic_write(file, lambda handle: handle.write(text))
+
+
+def _options_key(options: dict[str, Any]) -> dict[str, str]:
+    """The method options as text that tells two runs apart (tensors by their bytes)."""
+    import hashlib
+
+    def described(value: Any) -> str:
+        if isinstance(value, torch.Tensor):
+            data = value.detach().cpu().contiguous()
+            digest = hashlib.sha256(data.numpy().tobytes() if data.dtype != torch.bfloat16
+                                    else data.float().numpy().tobytes()).hexdigest()
+            return f"tensor{tuple(data.shape)}:{data.dtype}:{digest[:16]}"
+        return repr(value)
+
+    return {name: described(value) for name, value in sorted(options.items())}
 
 
 def _save_block(file: Path, result: Any, labels: Optional[list]) -> None:

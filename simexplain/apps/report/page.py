@@ -188,9 +188,9 @@ def _page_html(report: "RetrievalReport", cards: str, data: dict[str, Any]) -> s
     note = (
         f'<p class="note">Point maps unavailable: {html.escape(report.point_maps_note)}</p>'
         if report.point_maps_note
-        else "<p>Click a point of a query to see where each match resembles it "
-        "(point-to-point similarity). Under each match: its map, and the query's map "
-        "for that match.</p>"
+        else "<p>Click a point of a query to see where each match matches it (the pair's "
+        "correspondence). Under each match: its map, and the query's map for that "
+        "match.</p>"
     )
     about = _METHOD_NOTES.get(report.method, "see the documentation")
     method = f'<p class="method">Maps: <code>{html.escape(report.method)}</code> ({about}).</p>'

@@ -3,9 +3,9 @@
 :func:`retrieval_report` indexes the gallery (:class:`~simexplain.GalleryIndex`, kept in
 a folder between runs when given one), ranks it for each query and explains every
 (query, match) pair twice: with the maps of the report's method (what in each image makes
-the pair similar) and, for models whose embedding is a linear function of globally
-average pooled features, with Zhu et al.'s point-to-point maps ``S(p, q)``
-(:meth:`~simexplain.methods.PointSpecific.point_to_point`).
+the pair similar) and with a correspondence, which location of the query matches which
+location of the match (:mod:`~simexplain.methods.correspondence`: exact for globally
+average pooled features, estimated for other heads), from the index's stored values.
 :meth:`RetrievalReport.write` turns the result into a folder that any browser opens
 from disk, with no server and no network: ``index.html`` with inline CSS and vanilla
 JavaScript (the templates of :mod:`simexplain.apps.report.page`), the images and map
@@ -24,18 +24,15 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
-import torch
 from torch import Tensor, nn
 
 from ..._files import swap_into_place
 from ..._progress import progress_bar
 from ...data.preprocessing import Preprocessing, preprocess_images, resolve_preprocessing
-from ...engine.state import model_device
 from ...engine.target_layer import LayerSpec
-from ...errors import InputError, LayerError, ModelOutputError
-from ...methods.decomposition import PointSpecific
+from ...errors import InputError
 from ...methods.defaults import DEFAULT_METHOD
 from ..index.gallery_index import GalleryIndex
 from ..index.result import RetrievalResult
@@ -57,8 +54,9 @@ class ReportMatch:
         image: ``(C, H, W)`` the match as the model saw it.
         match_map: ``(H, W)`` the match's SAM map in [0, 1].
         query_map: ``(H, W)`` the query's SAM map for this match, in [0, 1].
-        point_maps: ``(h, w, h', w')`` point-to-point similarity ``S(p, q)`` between
-            query cell ``p`` and match cell ``q`` (sums to ``similarity``), or ``None``.
+        point_maps: ``(h, w, h', w')`` the correspondence ``M(p, q)`` of query cell ``p``
+            with match cell ``q`` (:class:`~simexplain.Correspondence`'s matrix, measured
+            from the gallery's mean embedding), or ``None``.
     """
 
     path: Path
@@ -166,6 +164,7 @@ def retrieval_report(
     cache: "str | os.PathLike[str] | None" = None,
     progress: Optional[bool] = False,
     title: str = "simexplain retrieval report",
+    **method_options: Any,
 ) -> RetrievalReport:
     """Rank ``gallery`` for every query and explain each query's top-k matches.
 
@@ -190,9 +189,9 @@ def retrieval_report(
             matches with :func:`~simexplain.apps.retrieval.explain_matches`);
             the default, ``"contribution"``, measures its maps from the gallery's mean
             embedding.
-        point_maps: compute point-to-point maps; they need an embedding that is a
-            linear function of globally average pooled features, and are left out with
-            a note (:attr:`RetrievalReport.point_maps_note`) for other models.
+        point_maps: compute each pair's correspondence (clicking a point of the query
+            shows what matches it); left out with a note
+            (:attr:`RetrievalReport.point_maps_note`) for a model without layers (ONNX).
         batch_size: images per forward pass.
         cache: a folder keeping the gallery's index between runs: the next run embeds
             only new and changed gallery files (by path, size and modification time);
@@ -200,9 +199,12 @@ def retrieval_report(
             :class:`~simexplain.apps.index.IndexMismatchError`. ``None``: in memory.
         progress: tqdm progress bars on stderr (``None``: when stderr is a terminal).
         title: the page title.
+        **method_options: the method's options, as for :meth:`GalleryIndex.explain
+            <simexplain.GalleryIndex.explain>` (e.g. a black-box method's ``n_masks=``,
+            ``window=``, ``stride=``).
 
     Example:
-        >>> import tempfile, torchvision
+        >>> import tempfile, torch, torchvision
         >>> from PIL import Image
         >>> from torchvision.transforms import ToTensor
         >>> from simexplain.data import Preprocessing, list_labelled_images
@@ -231,7 +233,7 @@ def retrieval_report(
     if batch_size < 1:
         raise InputError(f"batch_size must be a positive number of images, got {batch_size}")
     check_inputs_given(
-        method, {}, "a report cannot take it: explain the matches with explain_matches("
+        method, method_options, "a report cannot take it: explain the matches with explain_matches("
         f"explainer(model, method={method!r}, ...), query, matches), or choose another method"
     )
     queries, gallery = [Path(q) for q in queries], [Path(g) for g in gallery]
@@ -241,26 +243,20 @@ def retrieval_report(
     index = GalleryIndex.build(model, gallery, layer=layer, path=cache,
                                transform=preprocessing, batch_size=batch_size,
                                progress=progress)
-    point_method, note = None, "not requested"
+    pairing, note = False, "not requested"
     if point_maps and not isinstance(model, nn.Module):
         note = "the model is not a PyTorch module (an ONNX model?): point maps need its layers"
     elif point_maps:
-        point_method, note = PointSpecific(model), ""
+        pairing, note = True, ""
     cards = []
     with progress_bar(len(queries), "explaining queries", "img", progress) as bar:
         for start in range(0, len(queries), batch_size):
             images = preprocess_images(queries[start:start + batch_size], preprocessing)
-            result = index.explain(images, top_k=top_k, method=method)
+            result = index.explain(images, top_k=top_k, method=method, correspondence=pairing,
+                                   **method_options)
             for q in range(len(result)):
-                matches = result.matches(q)
-                points: list[Optional[Tensor]] = [None] * matches.shape[0]
-                if point_method is not None:
-                    try:
-                        points = list(_point_to_point(point_method, images[q], matches))
-                    except (LayerError, ModelOutputError) as error:
-                        point_method, note = None, str(error)
                 cards.append(_card(result, q, queries[start + q], query_labels[start + q],
-                                   gallery, gallery_labels, points))
+                                   gallery, gallery_labels))
                 bar.update(1)
     return RetrievalReport(
         cards, preprocessing.mean, preprocessing.std, point_maps_note=note, title=title,
@@ -269,9 +265,12 @@ def retrieval_report(
 
 
 def _card(result: RetrievalResult, q: int, path: Path, label: Optional[str],
-          gallery: list[Path], gallery_labels: list[Optional[str]],
-          points: list[Optional[Tensor]]) -> ReportCard:
+          gallery: list[Path], gallery_labels: list[Optional[str]]) -> ReportCard:
     """Query ``q`` of ``result`` and its matches."""
+    points: list[Optional[Tensor]] = [None] * result.indices.shape[1]
+    if result.correspondences is not None:
+        points = [pair.matrix.reshape(*pair.grids[0], *pair.grids[1])
+                  for pair in result.correspondences[q]]
     query_maps, match_maps = result.image_maps(q)
     assert result.query_images is not None and query_maps is not None  # queries are images
     images = result.matches(q)
@@ -283,13 +282,6 @@ def _card(result: RetrievalResult, q: int, path: Path, label: Optional[str],
         for k, (i, sim) in enumerate(zip(rows, similarities))
     ]
     return ReportCard(path, label, result.query_images[q], matches)
-
-
-def _point_to_point(method: PointSpecific, query: Tensor, matches: Tensor) -> Tensor:
-    device = model_device(method.model) or torch.device("cpu")
-    matches = matches.to(device)
-    queries = query.to(device).unsqueeze(0).expand(matches.shape[0], -1, -1, -1)
-    return method.point_to_point((queries, matches)).detach().cpu()
 
 
 def _check_labels(
