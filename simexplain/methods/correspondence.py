@@ -15,8 +15,10 @@ and the two images' shares are joined over the coordinates,
 
 the second-order form of BiLRP (Eberle et al., TPAMI 2022) with gradient times activation
 as the relevance. It equals the exact intensity for a pooled linear head without bias,
-and ``M`` does not change when the embedding is rotated (``R`` turns with it). It costs one
-backward pass of the head per coordinate, batched; for large ``d``, ``projections=r``
+and ``M`` does not change when the embedding is rotated (``R`` turns with it). ``R`` takes
+one backward pass of the head per coordinate, or one forward-mode derivative per location
+(:mod:`~simexplain.methods._forward_shares`), whichever is fewer (and possible), batched as
+copies of the head; when backward passes are used and ``d`` is large, ``projections=r``
 first maps the embedding by ``P``, ``r`` orthonormal random directions scaled by
 ``sqrt(d / r)``, so that ``E[P^T P] = I`` and the estimate of ``M`` stays unbiased, with
 a spread that falls as ``1 / sqrt(r)`` (docs/correspondence.rst measures it).
@@ -29,8 +31,9 @@ differentiated through a full forward pass instead.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -39,9 +42,10 @@ from torch import Tensor, nn
 from ..engine.head_split import HeadSplit
 from ..engine.layouts import FeatureLayer
 from ..engine.state import preserved_state
-from ..engine.stored import head_embeddings, head_split, layer_leaf, run_trunk, stored_chunks
+from ..engine.stored import head_embeddings, head_split, run_trunk, stored_chunks
 from ..engine.target_layer import LayerSpec
 from ..errors import InputError, LayerError
+from ._location_shares import LocationShares, PendingShares
 from .decomposition import HeadSpec, PointSpecific, pair_intensity
 
 __all__ = ["PairCorrespondence", "CorrespondenceMatrices", "LocationShares",
@@ -51,8 +55,6 @@ __all__ = ["PairCorrespondence", "CorrespondenceMatrices", "LocationShares",
 AUTO_COORDINATES = 512
 #: ... and this many random directions above it.
 AUTO_PROJECTIONS = 256
-#: Elements of layer gradient held at once (coordinates x images x activation size).
-_GRADIENT_BUDGET = 1 << 24
 
 Projections = Union[int, None, str]
 
@@ -82,21 +84,6 @@ class CorrespondenceMatrices:
     layer: str
 
 
-@dataclass
-class LocationShares:
-    """Images' location shares ``(N, k, h, w)`` (exact: of the ``d`` embedding
-    coordinates; estimated: of ``k`` coordinates in the method's basis) and raw embeddings
-    ``(N, d)``; indexing picks images."""
-
-    shares: Tensor
-    embeddings: Tensor
-    exact: bool
-    layer: str
-
-    def __getitem__(self, rows: Any) -> "LocationShares":
-        return LocationShares(self.shares[rows], self.embeddings[rows], self.exact, self.layer)
-
-
 class PairCorrespondence:
     """Location-by-location matrices of pairs of images under an embedding model.
 
@@ -112,7 +99,8 @@ class PairCorrespondence:
             differentiates every embedding coordinate (exact ``R``), an int ``r`` uses
             ``r`` random directions (``r >= d`` is the same as ``None``), ``"auto"``
             every coordinate up to ``d =`` :data:`AUTO_COORDINATES`, else
-            :data:`AUTO_PROJECTIONS` directions.
+            :data:`AUTO_PROJECTIONS` directions. A grid with fewer cells than directions
+            gets every coordinate, by forward-mode derivatives, where the head allows.
         seed: seeds the random directions.
         chunk_size: pairs per head pass (default: the head-only path's).
         **layer_options: the engine's options (``layout=``, ``output=``, ...).
@@ -154,6 +142,8 @@ class PairCorrespondence:
         self.projections = projections
         self.seed = seed
         self.chunk_size = chunk_size
+        #: Heads found to lack a forward-mode derivative (not tried again).
+        self.without_forward_mode: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
     def matrices(self, images1: Tensor, images2: Tensor) -> CorrespondenceMatrices:
         """The matrices of the pairs ``(images1[b], images2[b])``, each batch ``(B, C, H,
@@ -170,19 +160,19 @@ class PairCorrespondence:
 
     # --------------------------------------------------------------- shares of a side
 
-    def _sides(self, images: Tensor) -> "_Pending":
+    def _sides(self, images: Tensor) -> "PendingShares":
         layer = self.engine.feature_layer(images[:2])
         image_hw = (int(images.shape[-2]), int(images.shape[-1]))
         split = head_split(self.engine, images)[1] if self.engine.eval_mode else None
         if isinstance(split, HeadSplit):
             embeddings, crossing = run_trunk(split, self.model, images, self.engine.output)
-            return _Pending(self, layer, image_hw, embeddings, split=split, crossing=crossing)
+            return PendingShares(self, layer, image_hw, embeddings, split=split, crossing=crossing)
         with self.engine.session():
             activation, embeddings = self.engine.forward(images, layer)
-        return _Pending(self, layer, image_hw, embeddings, activation=activation)
+        return PendingShares(self, layer, image_hw, embeddings, activation=activation)
 
     @staticmethod
-    def _split_sides(pending: "_Pending", count: int) -> tuple["LocationShares", "LocationShares"]:
+    def _split_sides(pending: PendingShares, count: int) -> tuple[LocationShares, LocationShares]:
         both = pending.resolve()
         return both[:count], both[count:]
 
@@ -201,7 +191,7 @@ class PairCorrespondence:
                     for start, stop, values in stored_chunks(self.model, split, [crossing],
                                                              self.chunk_size)])
             crossing = tuple(c.to(embeddings.device, embeddings.dtype) for c in crossing)
-        return _Pending(self, layer, image_hw, embeddings, split=split,
+        return PendingShares(self, layer, image_hw, embeddings, split=split,
                         crossing=crossing).resolve()
 
     def basis(self, dim: int, device: torch.device) -> Optional[Tensor]:
@@ -225,8 +215,8 @@ class PairCorrespondence:
         them from images, :meth:`shares_from_crossing` from stored values)."""
         if side1.exact != side2.exact:
             raise LayerError("the two images' layers gave different kinds of shares")
-        dim = side1.embeddings.shape[-1]
-        basis = None if side1.exact else self.basis(dim, side1.shares.device)
+        basis = side1.basis if side1.basis is not None else side2.basis
+        side1, side2 = side1.in_basis(basis), side2.in_basis(basis)
         located = [self.decomposition.centred_shares(side.shares[None],
                                                      side.embeddings.float()[None], basis)
                    for side in (side1, side2)]
@@ -234,7 +224,7 @@ class PairCorrespondence:
         intensity = pair_intensity(shares1[0], shares2[0], embeddings1[0], embeddings2[0])
         batch, h1, w1, h2, w2 = intensity.shape
         scores = (F.normalize(embeddings1[0], dim=-1) * F.normalize(embeddings2[0], dim=-1)).sum(-1)
-        count = None if side1.exact or basis is None else int(basis.shape[0])
+        count = None if basis is None else int(basis.shape[0])
         return CorrespondenceMatrices(
             matrix=intensity.reshape(batch, h1 * w1, h2 * w2).detach(),
             scores=scores.detach(),
@@ -243,102 +233,6 @@ class PairCorrespondence:
             projections=count,
             layer=side1.layer,
         )
-
-
-class _Pending:
-    """A side's layer output (or crossing values) and embeddings, before its shares."""
-
-    def __init__(self, owner: PairCorrespondence, layer: FeatureLayer,
-                 image_hw: tuple[int, int], embeddings: Tensor, *,
-                 split: Optional[HeadSplit] = None, crossing: tuple = (),
-                 activation: Optional[Tensor] = None) -> None:
-        self.owner, self.layer, self.image_hw = owner, layer, image_hw
-        self.embeddings, self.split, self.crossing = embeddings, split, crossing
-        self.activation = activation if split is None else crossing[split.activation_index]
-
-    def resolve(self) -> LocationShares:
-        owner = self.owner
-        try:
-            shares, _ = owner.decomposition.shares_of(
-                self.activation.detach(), self.embeddings.detach(), 1, self.layer,
-                self.image_hw)
-            return LocationShares(shares[0].float(), self.embeddings.detach().float(), True,
-                                  self.layer.name)
-        except LayerError:
-            pass
-        basis = owner.basis(self.embeddings.shape[-1], self.embeddings.device)
-        dim = self.embeddings.shape[-1]
-        directions = torch.eye(dim) if basis is None else basis
-        if self.split is None:  # the forward pass's graph: vectorised over directions
-            activation = self.activation
-            outputs = directions.to(self.embeddings)
-            shares = self._shares(activation, [
-                _batched_gradient(self.embeddings, activation,
-                                  rows[:, None, :].expand(-1, activation.shape[0], -1))
-                for rows in _blocks(outputs, activation.numel())])
-        else:
-            shares = torch.cat([self._head_shares(values, directions)
-                                for _, _, values in stored_chunks(owner.model, self.split,
-                                                                  [self.crossing],
-                                                                  owner.chunk_size)])
-        return LocationShares(shares, self.embeddings.detach().float(), False, self.layer.name)
-
-    def _head_shares(self, values: list[Tensor], directions: Tensor) -> Tensor:
-        """The shares of images given by their crossing ``values``: the head runs on a
-        copy of each image per direction, so one backward pass gives every direction's
-        gradient (faster than vectorising the backward pass over directions, which falls
-        back to a loop for many of a transformer's operations)."""
-        engine, split = self.owner.engine, self.split
-        assert split is not None
-        count = values[0].shape[0]
-        size = sum(v.numel() for v in values)
-        directions = directions.to(values[0].device, self.embeddings.dtype)
-        gradients = []
-        with engine.session():
-            for rows in _blocks(directions, size):
-                copies = [v.repeat(rows.shape[0], *([1] * (v.dim() - 1))) for v in values]
-                activation = layer_leaf(split, copies)
-                embeddings = head_embeddings(split.head(*copies), copies[0].shape[0],
-                                             engine.output)
-                outputs = rows.repeat_interleave(count, dim=0).to(embeddings)
-                gradient = torch.autograd.grad(embeddings, activation, outputs)[0]
-                gradients.append(gradient.reshape(rows.shape[0], count, *gradient.shape[1:]))
-        return self._shares(values[split.activation_index], gradients)
-
-    def _shares(self, activation: Tensor, gradients: list[Tensor]) -> Tensor:
-        """``R`` scaled by the grid's cell count, ``(N, k, h, w)``, from the layer's output
-        and the gradients ``(rows, N, ...)`` of blocks of directions: gradient times
-        activation summed over channels, so that its spatial mean is each direction's
-        located part of the embedding."""
-        engine, layer = self.owner.engine, self.layer
-        features = engine.spatial(activation.detach(), layer, self.image_hw).float()
-        cells = features.shape[-2] * features.shape[-1]
-        shares = []
-        for gradient in gradients:
-            rows = gradient.shape[0]
-            spatial = engine.spatial(gradient.reshape(-1, *activation.shape[1:]), layer,
-                                     self.image_hw).float()
-            spatial = spatial.reshape(rows, activation.shape[0], *spatial.shape[1:])
-            shares.append((spatial * features).sum(dim=2).transpose(0, 1) * cells)
-        return torch.cat(shares, dim=1)
-
-
-def _blocks(directions: Tensor, size: int) -> Iterator[Tensor]:
-    """Blocks of ``directions`` whose gradients (``size`` elements each) fit the budget."""
-    block = max(1, _GRADIENT_BUDGET // max(1, size))
-    for start in range(0, directions.shape[0], block):
-        yield directions[start:start + block]
-
-
-def _batched_gradient(outputs: Tensor, inputs: Tensor, directions: Tensor) -> Tensor:
-    """``(k, *inputs.shape)``: the gradient of ``(directions[i] * outputs).sum()`` at
-    ``inputs`` for each ``i``, vectorised over ``i`` where autograd can, else one by one."""
-    try:
-        return torch.autograd.grad(outputs, inputs, directions, retain_graph=True,
-                                   is_grads_batched=True)[0]
-    except RuntimeError:
-        return torch.stack([torch.autograd.grad(outputs, inputs, each, retain_graph=True)[0]
-                            for each in directions])
 
 
 def _check_pairs(images1: Any, images2: Any) -> None:

@@ -148,13 +148,12 @@ def test_report_without_point_maps_shows_the_note(browser, tmp_path):
         files.append(tmp_path / f"{i}.png")
     prep = Preprocessing(T.ToTensor(), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
     torch.manual_seed(0)
-    index = retrieval_report(model, files[:1], files, preprocessing=prep, top_k=2).write(
-        tmp_path / "report"
-    )
+    index = retrieval_report(model, files[:1], files, preprocessing=prep, top_k=2,
+                             point_maps=False).write(tmp_path / "report")
     browser.get(index.as_uri())
     card = browser.find_element(By.CSS_SELECTOR, "section.card")
     card.find_element(By.CSS_SELECTOR, ".query .stack").click()
     assert card.get_attribute("data-point") is None
-    assert "linear function" in card.find_element(By.CSS_SELECTOR, ".point-info").text
+    assert "not requested" in card.find_element(By.CSS_SELECTOR, ".point-info").text
     errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
     assert errors == [], errors

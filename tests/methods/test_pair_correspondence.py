@@ -135,8 +135,10 @@ def test_matrices_do_not_move_when_the_embedding_is_rotated(seed):
     vit = tiny_vit(img_size=64)  # class-token head: the estimate, on the narrowed head
     gem = colour_net(GeM())
     torch.manual_seed(seed)
+    coarse = _mlp_on_a_coarse_grid()  # forward-mode derivatives per cell
     for model, layer, images in ((vit, "blocks.1.norm1", torch.randn(2, 2, 3, 64, 64)),
-                                 (gem, "1", torch.rand(2, 2, 3, 32, 32))):
+                                 (gem, "1", torch.rand(2, 2, 3, 32, 32)),
+                                 (coarse, "1", torch.rand(2, 2, 3, 32, 32))):
         dim = model(images[0]).shape[-1]
         rotated = Rotated(model, _rotation(dim, seed)).eval()
         layer_of_rotated = "model." + layer
@@ -193,6 +195,46 @@ def test_sides_of_different_sizes():
                                                                torch.randn(1, 3, 96, 64))
     assert result.grids == ((2, 2), (3, 2)) and result.matrix.shape == (1, 4, 6)
     torch.testing.assert_close(result.matrix.sum(dim=(1, 2)), result.scores, atol=1e-5, rtol=0)
+
+
+def _mlp_on_a_coarse_grid() -> nn.Sequential:
+    """A 4 x 4 grid (16 cells) under a 40-d GeM + MLP head: fewer cells than coordinates."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 64, 3, stride=8), nn.ReLU(), GeM(), nn.Linear(64, 40),
+                         nn.Tanh(), nn.Linear(40, 40)).eval()
+
+
+def test_fewer_cells_than_coordinates_take_one_forward_derivative_per_cell(monkeypatch):
+    from simexplain.methods import _location_shares
+
+    model = _mlp_on_a_coarse_grid()
+    x1, x2 = torch.rand(2, 3, 3, 32, 32)
+    calls = []
+    real = _location_shares.forward_shares
+    monkeypatch.setattr(_location_shares, "forward_shares",
+                        lambda *a: calls.append(a[2].shape[0]) or real(*a))
+    forward = PairCorrespondence(model, layer="1", projections=None).matrices(x1, x2)
+    projected = PairCorrespondence(model, layer="1", projections=20).matrices(x1, x2)
+    assert calls == [16, 16] and forward.grids == ((4, 4), (4, 4))
+    # 20 random directions would cost more passes than the 16 cells: every coordinate
+    assert projected.projections is None
+    torch.testing.assert_close(projected.matrix, forward.matrix)
+    few = PairCorrespondence(model, layer="1", projections=8).matrices(x1, x2)
+    assert few.projections == 8 and calls == [16, 16]  # 8 directions: backward passes
+    monkeypatch.setattr(_location_shares.PendingShares, "_forward_shares", lambda *a: None)
+    backward = PairCorrespondence(model, layer="1", projections=None).matrices(x1, x2)
+    scale = backward.matrix.abs().amax()
+    torch.testing.assert_close(forward.matrix / scale, backward.matrix / scale, atol=1e-6,
+                               rtol=0)
+
+
+def test_heads_without_forward_mode_fall_back_quietly(capfd):
+    model = tiny_vit(img_size=64)  # CPU attention has no forward-mode derivative
+    x1, x2 = torch.randn(2, 1, 3, 64, 64)
+    method = PairCorrespondence(model, projections=None)
+    result = method.matrices(x1, x2)
+    assert result.projections is None and len(method.without_forward_mode) == 1
+    assert capfd.readouterr().err == ""  # torch.fx's report of the failure is not shown
 
 
 class Branching(nn.Module):
