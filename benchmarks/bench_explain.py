@@ -57,13 +57,14 @@ How it is measured:
   ``torch.cuda.max_memory_allocated()`` above ``memory_allocated()`` before the call, in the
   timing process (the caching allocator's statistics are exact per process).
 
-Targets, printed and written to the table (never asserted): time b/a <= 1.15, memory b/a <= 1.2,
-time c/b >= 2.
+Targets (issue 25), printed and written to the table (never asserted): time b/a <= 1.05,
+memory b/a <= 1.2, time c/b >= 2.5, time d/b >= 1.0, each on medians of nine interleaved
+repetitions; every time is printed with its spread (min-max).
 
 Usage::
 
     python benchmarks/bench_explain.py --quick      # ResNet-50, batches 1 and 8, 2 repeats
-    python benchmarks/bench_explain.py              # all three models, batches 1, 8 and 32
+    python benchmarks/bench_explain.py              # all four models, batches 1, 8 and 32
     python benchmarks/bench_explain.py --models vit_small --batches 8 --repeats 5
 
 ``--quick`` writes ``benchmarks/results/bench_explain_quick.md``; other runs write
@@ -73,9 +74,9 @@ repetition) to the same name with ``.json``; both are rewritten atomically after
 --update`` after a noisy run) and keeps the others; each row records when it was measured
 and the load average then.
 
-Runtime on 2 shared CPU cores (torch 2.14.1): ``--quick`` about 3 minutes; the full default
-run about 35-45 minutes (a quiet machine is faster), most of it in pytorch-grad-cam and the
-batch-32 configurations (96 images per call).
+Runtime on 2 CPU cores (torch 2.14.1): ``--quick`` about 3 minutes; the full default run
+(four models, nine repetitions at every batch size) well over an hour, most of it in
+pytorch-grad-cam and the batch-32 configurations (96 images per call).
 """
 
 from __future__ import annotations
@@ -86,7 +87,6 @@ import ctypes
 import datetime as _dt
 import gc
 import json
-import math
 import os
 import platform
 import re
@@ -111,12 +111,14 @@ except ImportError:  # running from a checkout without installing it
 from simexplain import EmbeddingAttribution  # noqa: E402
 from simexplain._files import atomic_write  # noqa: E402
 from simexplain.engine import FeatureLayer, SimilarityScore, to_spatial  # noqa: E402
+from simexplain.engine._head_only import SPLIT_AFTER_IMAGES  # noqa: E402
 from simexplain.methods import DEFAULT_METHOD  # noqa: E402
 
 MODELS = {
     "resnet50": "torchvision resnet50, fc=Identity (2048-d)",
     "convnext_tiny": "timm convnext_tiny, num_classes=0 (768-d)",
     "vit_small": "timm vit_small_patch16_224, num_classes=0 (384-d)",
+    "swin_tiny": "timm swin_tiny_patch4_window7_224, num_classes=0 (768-d)",
 }
 VARIANTS = ("forward", "simexplain", "gradcam", "captum")
 LABELS = {
@@ -125,7 +127,8 @@ LABELS = {
     "gradcam": "(c) pytorch-grad-cam",
     "captum": "(d) captum LayerGradCam",
 }
-TARGETS = {"time_b_a": 1.15, "mem_b_a": 1.2, "time_c_b": 2.0}
+#: Issue 25's targets: b/a for every model (ResNet rows were at most 1.05 before it).
+TARGETS = {"time_b_a": 1.05, "mem_b_a": 1.2, "time_c_b": 2.5, "time_d_b": 1.0}
 #: The methods whose maps are checked against captum's and pytorch-grad-cam's: the default
 #: (the one timed) and paper SAM.
 CHECKED_METHODS = tuple(dict.fromkeys((DEFAULT_METHOD, "sam")))
@@ -154,6 +157,11 @@ def build_model(name: str, seed: int) -> nn.Module:
         import timm
 
         model = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0)
+    elif name == "swin_tiny":
+        import timm
+
+        model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False,
+                                  num_classes=0)
     else:
         raise SystemExit(f"unknown model {name!r}; choose from {sorted(MODELS)}")
     return model.eval()
@@ -223,6 +231,16 @@ class Setup:
         if self.layer.layout != "NCHW":
             layer, hw = self.layer, self.image_hw
             self.reshape = lambda t: to_spatial(t, layer, hw)
+
+    def settle(self) -> float:
+        """Explain the inputs until simexplain's one-time work is done (a class-token
+        transformer is split at its layer once ``SPLIT_AFTER_IMAGES`` images were
+        explained), so that measured calls see its steady state; the seconds it took."""
+        start, images = time.perf_counter(), 0
+        while images < max(1, SPLIT_AFTER_IMAGES):
+            self.attr.attribute(self.slots, chunk_size=self.chunk_size)
+            images += self.images.shape[0]
+        return time.perf_counter() - start
 
     @property
     def peer(self) -> PeerScore:
@@ -455,6 +473,8 @@ def memory_worker(spec: dict) -> dict:
     setup = Setup(model, spec["batch"], spec["size"], spec["seed"], torch.device("cpu"),
                   chunk_size=spec.get("chunk_size"), method=spec.get("method", DEFAULT_METHOD))
     run = setup.runner(spec["variant"])
+    if spec["variant"] == "simexplain":
+        setup.settle()
     gc.collect()
     reset = _reset_high_water_mark()
     base = _maxrss_kib()
@@ -509,7 +529,9 @@ def mem_available_mib() -> Optional[float]:
 
 
 def default_repeats(batch: int) -> int:
-    return max(3, min(9, math.ceil(48 / batch)))
+    """Nine interleaved repetitions at every batch size: a ratio's median then holds
+    against a few slow calls (issue 25)."""
+    return 9
 
 
 def median(xs: list) -> Optional[float]:
@@ -576,6 +598,7 @@ def run_config(model_name: str, model: nn.Module, batch: int, args, device, firs
         row["cuda_mem_mib"] = {v: cuda_peak(runners[v], setup.cleanup) for v in variants}
     repeats = args.repeats or default_repeats(batch)
     times: dict[str, list[float]] = {v: [] for v in variants}
+    row["settle_s"] = setup.settle()
     for v in variants:  # warm-up, not recorded
         time_call(runners[v], device)
         setup.cleanup()
@@ -613,6 +636,14 @@ def fmt(x: Optional[float], spec: str = ".2f", missing: str = "-") -> str:
     return missing if x is None else format(x, spec)
 
 
+def spread(row: dict, variant: str) -> str:
+    """``median (min-max)`` of a variant's times in a row."""
+    times = [x for x in row["times"].get(variant, []) if x is not None]
+    if not times:
+        return "skipped"
+    return f"{statistics.median(times):.3f} ({min(times):.3f}-{max(times):.3f})"
+
+
 def mark(value: Optional[float], target: float, upper: bool) -> str:
     if value is None:
         return "-"
@@ -626,7 +657,7 @@ def print_row(row: dict) -> None:
           + " ".join(f"{v[:4]}={fmt(t.get(v), '.3f')}s" for v in VARIANTS)
           + f" | b/a {mark(r['time_b_a'], TARGETS['time_b_a'], True)}"
           + f" c/b {mark(r['time_c_b'], TARGETS['time_c_b'], False)}"
-          + f" d/b {fmt(r['time_d_b'])}"
+          + f" d/b {mark(r['time_d_b'], TARGETS['time_d_b'], False)}"
           + f" | mem b/a {mark(r['mem_b_a'], TARGETS['mem_b_a'], True)}"
           + "  (MiB " + " ".join(f"{v[:4]}=+{fmt(m.get(v), '.0f')}" for v in VARIANTS) + ")",
           flush=True)
@@ -651,12 +682,16 @@ def write_markdown(path: Path, rows: list[dict], args, meta: dict) -> None:
         f"- load average at the start of each row in the `load` column "
         f"({os.cpu_count()} CPUs visible). **{meta['note']}**",
         f"- random weights, {args.size} px, triplets per call = B (3B images); medians of "
-        "interleaved repetitions after one warm-up call per variant (warm-up not timed).",
+        "interleaved repetitions after one warm-up call per variant (warm-up not timed). "
+        f"Before it, simexplain explains the inputs until {SPLIT_AFTER_IMAGES} images are "
+        "done, so that a class-token ViT has been split at its layer (one-time work, the "
+        "`settle` seconds in the JSON rows; memory workers settle before their baseline).",
         "- memory: peak RSS above the baseline after setup, fresh process per cell, "
         f"{args.mem_calls} calls with the warm-up call included; "
         "`MALLOC_MMAP_THRESHOLD_=131072` so RSS follows live tensors.",
         f"- targets: time b/a <= {TARGETS['time_b_a']}, memory b/a <= {TARGETS['mem_b_a']}, "
-        f"time c/b >= {TARGETS['time_c_b']}.",
+        f"time c/b >= {TARGETS['time_c_b']}, time d/b >= {TARGETS['time_d_b']}; a ratio is "
+        "met when its medians meet it. Each time is `median (min-max)` over the repetitions.",
         "- method: what (b) explains and what (c) and (d) compute, from the same score object "
         "(each image's partners held at the triplet's embeddings, computed outside the timed "
         "region).",
@@ -674,10 +709,11 @@ def write_markdown(path: Path, rows: list[dict], args, meta: dict) -> None:
         lines.append(
             f"| {row['model']} | `{row['layer']}` | {row_method(row)} | {row['batch']} "
             f"| {row['images']} | "
-            + " | ".join(fmt(t.get(v), ".3f", "skipped") for v in VARIANTS)
+            + " | ".join(spread(row, v) for v in VARIANTS)
             + f" | {mark(r['time_b_a'], TARGETS['time_b_a'], True)}"
             + f" | {mark(r['time_c_b'], TARGETS['time_c_b'], False)}"
-            + f" | {fmt(r['time_d_b'])} | {row['repeats']} | {row.get('measured', '-')} "
+            + f" | {mark(r['time_d_b'], TARGETS['time_d_b'], False)} | {row['repeats']} "
+            f"| {row.get('measured', '-')} "
             f"| {fmt(row.get('load'))} |"
         )
     if any(r["mem_mib"] for r in cpu_rows):

@@ -13,10 +13,15 @@ Two profiles, written to ``benchmarks/results/profile_explain.md``:
    layer is the last stage, so only the pooling and head record a graph; for a ViT with
    class-token pooling the layer is the last block's ``norm1`` (the last block's output
    reaches the embedding only through the class token), so the whole last block
-   (attention and the 4x-wide MLP, for every token) records one.
+   (attention and the 4x-wide MLP, for every token) records one on a model's first calls;
+   once the engine has split the model it runs that block through its narrowed head
+   (issue 25). Both are measured.
+3. **Where a ViT's time over a forward goes** (ViT-S/16, 224 px, B = 1, 8 and 32
+   triplets): chunking, the hooked forward of the engine's former path and the narrowed
+   head's steps (:mod:`_vit_profile`).
 
-Usage: ``python benchmarks/profile_explain.py [--repeats 5] [--out PATH]``
-(about 3-5 minutes on 2 CPU cores).
+Usage: ``python benchmarks/profile_explain.py [--repeats 5] [--vit-batches 1 8 32]
+[--out PATH]`` (about 10 minutes on 2 CPU cores).
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ from simexplain import EmbeddingAttribution, explain  # noqa: E402
 from simexplain.engine import check_tuple_inputs  # noqa: E402
 from simexplain._files import atomic_write  # noqa: E402
 from simexplain.engine import scale_maps, upsample_maps  # noqa: E402
+from simexplain.engine._head_only import SPLIT_AFTER_IMAGES  # noqa: E402
+from _vit_profile import vit_breakdown  # noqa: E402
 
 
 def timed(fn, repeats: int) -> list[float]:
@@ -89,13 +96,18 @@ def overheads(repeats: int) -> list[str]:
     return lines + [""]
 
 
-def graph_profile(name: str, model: torch.nn.Module) -> list[str]:
+def graph_profile(name: str, model: torch.nn.Module, settle: bool = True) -> list[str]:
+    """One row: what autograd saves in one ``attribute`` call of 8 triplets, after the
+    engine's one-time work (``settle``) or, with ``settle=False``, on a model's first
+    calls (a class-token ViT then takes the hooked forward)."""
     torch.manual_seed(0)
     images = torch.randn(3, 8, 3, 224, 224)
     slots = tuple(images.unbind(0))
     attribution = EmbeddingAttribution(model)
     layer = attribution.feature_layer(slots[0])
     attribution.attribute(tuple(s[:1] for s in slots))
+    for _ in range(-(-SPLIT_AFTER_IMAGES // 24) if settle else 0):
+        attribution.attribute(slots)
     saved: collections.Counter = collections.Counter()
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
@@ -128,6 +140,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--vit-batches", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/profile_explain.md")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -148,7 +161,9 @@ def main(argv=None) -> int:
         "",
         "Saved tensors are what autograd keeps for the backward pass of one `attribute` call",
         "(the trunk before the layer saves none). MiB; `saved / layer` compares them with",
-        "the layer output itself.",
+        f"the layer output itself. Measured after {SPLIT_AFTER_IMAGES} images were explained",
+        "(a class-token ViT is then split and runs its narrowed head), except the row that",
+        "says *first calls*.",
         "",
         "| model | layer | layer output MiB | saved MiB | saved / layer | largest saved "
         "(shape MiB) |",
@@ -160,13 +175,17 @@ def main(argv=None) -> int:
         "vit_small_patch16_224": lambda: timm.create_model(
             "vit_small_patch16_224", num_classes=0
         ),
+        "vit_small_patch16_224, first calls (hooked forward)": lambda: timm.create_model(
+            "vit_small_patch16_224", num_classes=0
+        ),
         "vit_small (global_pool='avg')": lambda: timm.create_model(
             "vit_small_patch16_224", num_classes=0, global_pool="avg", class_token=False
         ),
     }
     for name, build in models.items():
         print("profiling", name, flush=True)
-        lines += graph_profile(name, build().eval())
+        lines += graph_profile(name, build().eval(), settle="first calls" not in name)
+    lines += [""] + vit_breakdown(args.vit_batches, args.repeats)
     lines += ["", f"Total run time {(time.perf_counter() - start) / 60:.1f} min.", ""]
     text = "\n".join(lines)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,8 @@ and notes/speed.md):
    mix up activations);
 2. nothing before the target layer records an autograd graph: the forward runs under
    ``no_grad`` and the layer's hook switches grad mode on and replaces the output by a
-   fresh leaf, so memory stays near inference;
+   fresh leaf, so memory stays near inference. A class-token transformer's last block
+   runs only what reaches the embedding (:mod:`~simexplain.engine._head_only`);
 3. the method's :class:`~simexplain.engine.score.SimilarityScore` turns the chunk's
    embeddings into one score per image, and ``torch.autograd.grad`` takes its gradient
    with respect to the layer output only: parameters' ``.grad`` are never touched;
@@ -30,9 +31,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import LayerError
+from ._head_only import forward_narrowed, narrowed_split
 from .chunking import chunk_size_for
 from .embeddings import check_model, embedding_matrix, finite_embeddings, run_model
 from .gradients import batch_statistics_norms, layer_gradient, score_gradient
+from .head_split import HeadSplit
 from .inputs import TensorOrTuple, as_forward_args, check_tuple_inputs, tuple_forward_args
 from .layouts import FeatureLayer, to_spatial
 from .maps import full_precision, gradcam_maps
@@ -199,6 +202,8 @@ class SimilarityEngine:
             layer = self.feature_layer(
                 slots[0][:2], tuple_forward_args(args, batch, 0, min(2, batch), 1)
             )
+            split = None if coupled or create_graph or args or not self.eval_mode else \
+                narrowed_split(self.model, layer, slots[0], self.output, batch * count)
             parts = []
             for start in range(0, batch, chunk):
                 stop = min(start + chunk, batch)
@@ -210,6 +215,7 @@ class SimilarityEngine:
                         layer,
                         relu,
                         create_graph,
+                        split,
                     )
                 )
         return TupleResult.from_chunks(parts, score.kind(count), layer.name)
@@ -222,9 +228,13 @@ class SimilarityEngine:
         layer: FeatureLayer,
         relu: bool,
         create_graph: bool,
+        split: Optional[HeadSplit] = None,
     ) -> tuple[Tensor, Tensor, Optional[Tensor], Tensor]:
         images = torch.cat(slots)
-        activation, embeddings = self.forward(images, layer, args, create_graph)
+        narrowed = None if split is None else forward_narrowed(split, images, self.output)
+        if narrowed is not None:
+            self.couples_images = False  # only uncoupled images take the narrowed head
+        activation, embeddings = narrowed or self.forward(images, layer, args, create_graph)
         return self.maps_of(activation, embeddings, len(slots), score, layer,
                             (images.shape[-2], images.shape[-1]), relu, create_graph)
 

@@ -9,7 +9,9 @@ head reads crosses the cut. For a CNN stage that is the stage's output alone; fo
 transformer block's ``norm1`` it is the norm's output and the residual stream entering
 the block. Storing the crossing values of an image and running the head on them gives
 its embedding and, by autograd through the head, the layer gradient: a map without the
-trunk.
+trunk. The *prefix*, the part of the graph that computes the crossing values and nothing
+more, lets the engine explain fresh images through a narrowed head
+(:mod:`~simexplain.engine.token_narrowing`).
 
 The split is one general mechanism, not per-family code, and it is checked numerically
 on a probe batch. A model that cannot be traced, or whose cut is crossed by something
@@ -21,8 +23,9 @@ from __future__ import annotations
 
 import inspect
 import sys
+import weakref
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor, fx, nn
@@ -32,7 +35,12 @@ from .layouts import FeatureLayer
 from .outputs import OutputSpec, select_output
 from .token_narrowing import narrow_head
 
-__all__ = ["HeadSplit", "SplitFallback", "split_at_layer"]
+__all__ = ["HeadSplit", "SplitFallback", "split_at_layer", "cached_split", "split_key",
+           "layer_leaf"]
+
+# Splits per model, per (layer, call, input shape, dtype, device, output, structure); weak,
+# so models can be freed.
+_SPLITS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -49,6 +57,8 @@ class HeadSplit:
         activation_index: the position of the layer's output among the crossing values.
         narrowed: whether the head computes only the tokens its output reads
             (:mod:`~simexplain.engine.token_narrowing`).
+        prefix: ``images -> crossing``: the model up to the cut and no further (``None``
+            when it did not reproduce the trunk's crossing values on the probe).
     """
 
     trunk: fx.GraphModule
@@ -56,6 +66,7 @@ class HeadSplit:
     names: tuple[str, ...]
     activation_index: int
     narrowed: bool = False
+    prefix: Optional[fx.GraphModule] = None
 
     def __repr__(self) -> str:
         return (f"HeadSplit(crossing={self.names}, activation_index={self.activation_index}"
@@ -107,15 +118,53 @@ def split_at_layer(
         cut = _cut(graph, path, layer.call_index)
         if isinstance(cut, SplitFallback):
             return cut
-        trunk, head, names, index = _build(model, graph, *cut)
+        trunk, head, prefix, names, index = _build(model, graph, *cut)
         checked = _checked(HeadSplit(trunk, head, names, index), model, probe, output)
         if not isinstance(checked, tuple):
             return checked
         split, crossing = checked
+        prefix = prefix if _same_crossing(prefix, probe, crossing) else None
         narrowed = narrow_head(split.head, crossing, split.activation_index)
-        if narrowed is None:
-            return split
-        return HeadSplit(trunk, narrowed, names, index, narrowed=True)
+        return HeadSplit(trunk, head if narrowed is None else narrowed, names, index,
+                         narrowed=narrowed is not None, prefix=prefix)
+
+
+def cached_split(
+    model: nn.Module, layer: FeatureLayer, sample: Tensor, output: OutputSpec = None,
+    *, build: bool = True,
+) -> Union[HeadSplit, SplitFallback, None]:
+    """:func:`split_at_layer` for images like ``sample``, computed once per
+    :func:`split_key`; with ``build=False``, ``None`` when it has not been computed."""
+    key = split_key(model, layer, sample, output)
+    cache = _SPLITS.setdefault(model, {})
+    if key not in cache:
+        if not build:
+            return None
+        cache[key] = split_at_layer(model, layer, sample[:2], output)
+    return cache[key]
+
+
+def split_key(
+    model: nn.Module, layer: FeatureLayer, sample: Tensor, output: OutputSpec = None
+) -> tuple:
+    """What a split depends on: the layer, the input shape, dtype and device, ``output``
+    and the module structure. Replacing a submodule, a parameter or a buffer gives a new
+    key, since a split's graphs hold the modules and tensors they were traced with."""
+    return (layer.name, layer.call_index, tuple(sample.shape[1:]), sample.dtype,
+            sample.device, id(output) if callable(output) else output, _structure(model))
+
+
+def _structure(model: nn.Module) -> int:
+    return hash((tuple(map(id, model.modules())), tuple(map(id, model.parameters())),
+                 tuple(map(id, model.buffers()))))
+
+
+def layer_leaf(split: HeadSplit, values: list[Tensor]) -> Tensor:
+    """The layer's output among ``values`` as a leaf that requires grad; ``values`` then
+    holds a clone of it, since the head may write into its inputs."""
+    activation = values[split.activation_index].detach().requires_grad_()
+    values[split.activation_index] = activation.clone()
+    return activation
 
 
 def _trace(model: nn.Module, layer_module: nn.Module) -> tuple[fx.Graph, str]:
@@ -218,7 +267,7 @@ def _build(
     head_nodes: set[fx.Node],
     crossing: list[fx.Node],
     free: set[fx.Node],
-) -> tuple[fx.GraphModule, fx.GraphModule, tuple[str, ...], int]:
+) -> tuple[fx.GraphModule, fx.GraphModule, fx.GraphModule, tuple[str, ...], int]:
     output = next(n for n in graph.nodes if n.op == "output")
     trunk_graph, env, copies = fx.Graph(), {}, {}
     for node in graph.nodes:
@@ -236,10 +285,22 @@ def _build(
     for node in graph.nodes:
         if (node in head_nodes or node in free) and node not in head_env:
             head_env[node] = head_graph.node_copy(node, lambda a: head_env[a])
+
+    # The prefix: placeholders and what the crossing values need. An input that crosses
+    # is cloned, so that a head writing into its inputs cannot change the caller's.
+    prefix_graph, prefix_env = fx.Graph(), {}
+    needed = set().union(*(_ancestors(node) for node in crossing))
+    for node in graph.nodes:
+        if node.op == "placeholder" or node in needed:
+            prefix_env[node] = prefix_graph.node_copy(node, lambda a: prefix_env[a])
+    prefix_graph.output(tuple(
+        prefix_graph.call_function(_copied, (prefix_env[node],)) if node.op == "placeholder"
+        else prefix_env[node] for node in crossing))
     names = tuple(node.name for node in crossing)
     return (
         fx.GraphModule(model, trunk_graph, "Trunk"),
         fx.GraphModule(model, head_graph, "Head"),
+        fx.GraphModule(model, prefix_graph, "Prefix"),
         names,
         crossing.index(layer_node),
     )
@@ -283,6 +344,21 @@ def _checked(
         return SplitFallback("the head after the cut does not reproduce the model's "
                              "embeddings on a probe batch")
     return split, tuple(crossing)
+
+
+def _same_crossing(
+    prefix: fx.GraphModule, probe: Tensor, crossing: tuple[Tensor, ...]
+) -> bool:
+    """Whether ``prefix`` gives the trunk's crossing values on the probe."""
+    if probe.shape[0] < 2:
+        probe = torch.cat([probe, probe])
+    try:
+        values = prefix(probe)
+    except Exception:
+        return False
+    return len(values) == len(crossing) and all(
+        isinstance(v, Tensor) and v.shape == c.shape and _close(v, c)
+        for v, c in zip(values, crossing))
 
 
 def _close(a: Tensor, b: Tensor) -> bool:

@@ -11,7 +11,6 @@ rounding; float16 storage rounds the activations to 11 significant bits first.
 
 from __future__ import annotations
 
-import weakref
 from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
@@ -21,7 +20,7 @@ from ..errors import InputError
 from .embeddings import finite_embeddings
 from .engine import SimilarityEngine, TupleResult
 from .gradients import layer_gradient
-from .head_split import HeadSplit, SplitFallback, split_at_layer
+from .head_split import HeadSplit, SplitFallback, cached_split, layer_leaf
 from .layouts import FeatureLayer
 from .maps import full_precision
 from .outputs import OutputSpec, select_output
@@ -35,9 +34,6 @@ __all__ = ["head_split", "run_trunk", "head_embeddings", "stored_chunks", "layer
 #: model, so chunks can hold more tuples than a full forward's.
 STORED_CHUNK_SIZE = 32
 
-# Splits per model, per (layer, call, input shape, dtype); weak so models can be freed.
-_SPLITS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
-
 
 def head_split(
     engine: SimilarityEngine, sample: Tensor
@@ -48,12 +44,7 @@ def head_split(
         raise InputError("stored activations are explained in eval mode; build the engine "
                          "with eval_mode=True")
     layer = engine.feature_layer(sample[:2])
-    key = (layer.name, layer.call_index, tuple(sample.shape[1:]), sample.dtype,
-           id(engine.output) if callable(engine.output) else engine.output)
-    cache = _SPLITS.setdefault(engine.model, {})
-    if key not in cache:
-        cache[key] = split_at_layer(engine.model, layer, sample[:2], engine.output)
-    return layer, cache[key]
+    return layer, cached_split(engine.model, layer, sample, engine.output)
 
 
 def run_trunk(
@@ -87,14 +78,6 @@ def stored_chunks(
         stop = min(start + chunk, batch)
         yield start, stop, [torch.cat([slot[k][start:stop] for slot in slots]).to(device, dtype)
                             for k in range(len(split.names))]
-
-
-def layer_leaf(split: HeadSplit, values: list[Tensor]) -> Tensor:
-    """The layer's output among ``values`` as a leaf that requires grad; ``values`` then
-    holds a clone of it, since the head may write into its inputs."""
-    activation = values[split.activation_index].detach().requires_grad_()
-    values[split.activation_index] = activation.clone()
-    return activation
 
 
 def attribute_stored(

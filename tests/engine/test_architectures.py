@@ -30,7 +30,7 @@ from torch import nn
 
 from simexplain import EmbeddingAttribution
 from simexplain.engine import FeatureLayer
-from stored_maps import FLOAT16_TOLERANCE, relative_error, stored_and_full
+from stored_maps import FLOAT16_TOLERANCE, narrowed_and_full, relative_error, stored_and_full
 
 pytestmark = pytest.mark.slow
 
@@ -346,6 +346,10 @@ def _check_split(case: Arch, model: nn.Module, pair: torch.Tensor) -> None:
     if case.layer.endswith(("norm1", "ln_1")):  # class-token pooling: the head runs one token
         assert split.narrowed, f"{case.id}'s head is not narrowed to its class token"
     assert relative_error(stored.maps, full.maps) < 1e-4
+    if split.narrowed:  # fresh images take the same narrowed head after the split prefix
+        assert split.prefix is not None, f"{case.id}'s prefix does not reproduce the cut"
+        hooked, narrowed = narrowed_and_full(model, pair)
+        assert relative_error(narrowed.maps, hooked.maps) < 1e-4
     _, half, _ = stored_and_full(model, pair, dtype=torch.float16)
     assert relative_error(half.maps, full.maps) < FLOAT16_TOLERANCE
 
