@@ -15,8 +15,9 @@ only where the hooked forward would give the same thing: eval mode, no extra for
 arguments, no graph kept for training, no batch statistics coupling the images, no hooks
 on the model itself (the prefix and the head call its submodules, not its ``forward``).
 
-Splitting costs about fifteen forwards of one image (a ``torch.fx`` trace, and checks on
-two images), and the narrowed head saves 10-20% of a forward per image, so the engine
+Splitting costs about twelve forwards of one image (a ``torch.fx`` trace, and checks on
+two images; 2.2 s for ViT-S/16 at 224 px), and the narrowed head saves about a tenth of a
+forward per image (``benchmarks/results/profile_explain.md``), so the engine
 splits a model only once it has explained :data:`SPLIT_AFTER_IMAGES` images of a size
 with it, counting the current call: a one-off explanation of a pair does not pay for a
 split, a dataset does. Both paths give the same maps to float rounding.
@@ -32,10 +33,9 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import SimExplainError
-from .embeddings import finite_embeddings
-from .head_split import HeadSplit, cached_split, layer_leaf, split_key
+from .head_split import HeadSplit, cached_split, head_embeddings, layer_leaf, split_key
 from .layouts import FeatureLayer
-from .outputs import OutputSpec, select_output
+from .outputs import OutputSpec
 
 __all__ = ["SPLIT_AFTER_IMAGES", "narrowed_split", "forward_narrowed"]
 
@@ -89,8 +89,7 @@ def forward_narrowed(
         raise
     except Exception:
         return None
-    count = images.shape[0]
-    return activation, finite_embeddings(select_output(value, output, count), count)
+    return activation, head_embeddings(value, images.shape[0], output)
 
 
 def _has_own_hooks(model: nn.Module) -> bool:

@@ -30,13 +30,13 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, fx, nn
 
-from .embeddings import embedding_matrix as read_embeddings
+from .embeddings import embedding_matrix as read_embeddings, finite_embeddings
 from .layouts import FeatureLayer
 from .outputs import OutputSpec, select_output
 from .token_narrowing import narrow_head
 
 __all__ = ["HeadSplit", "SplitFallback", "split_at_layer", "cached_split", "split_key",
-           "layer_leaf"]
+           "layer_leaf", "head_embeddings"]
 
 # Splits per model, per (layer, call, input shape, dtype, device, output, structure); weak,
 # so models can be freed.
@@ -165,6 +165,11 @@ def layer_leaf(split: HeadSplit, values: list[Tensor]) -> Tensor:
     activation = values[split.activation_index].detach().requires_grad_()
     values[split.activation_index] = activation.clone()
     return activation
+
+
+def head_embeddings(value: Any, count: int, output: OutputSpec = None) -> Tensor:
+    """The finite embeddings ``(count, d)`` in what the head (or trunk) returned."""
+    return finite_embeddings(select_output(value, output, count), count)
 
 
 def _trace(model: nn.Module, layer_module: nn.Module) -> tuple[fx.Graph, str]:

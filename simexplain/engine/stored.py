@@ -11,19 +11,18 @@ rounding; float16 storage rounds the activations to 11 significant bits first.
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import InputError
-from .embeddings import finite_embeddings
 from .engine import SimilarityEngine, TupleResult
 from .gradients import layer_gradient
-from .head_split import HeadSplit, SplitFallback, cached_split, layer_leaf
+from .head_split import HeadSplit, SplitFallback, cached_split, head_embeddings, layer_leaf
 from .layouts import FeatureLayer
 from .maps import full_precision
-from .outputs import OutputSpec, select_output
+from .outputs import OutputSpec
 from .score import SimilarityScore
 from .state import model_device, model_dtype, preserved_state
 
@@ -56,11 +55,6 @@ def run_trunk(
     with preserved_state(model, eval_mode=True), torch.no_grad():
         value, crossing = split.trunk(images)
         return head_embeddings(value, images.shape[0], output), tuple(crossing)
-
-
-def head_embeddings(value: Any, count: int, output: OutputSpec = None) -> Tensor:
-    """The finite embeddings ``(count, d)`` in what the head (or trunk) returned."""
-    return finite_embeddings(select_output(value, output, count), count)
 
 
 def stored_chunks(
