@@ -29,22 +29,75 @@ from simexplain.metrics import recall_at_k
 from simexplain.methods import DEFAULT_METHOD
 
 KINDS = ("siamese", "triplet", "quadruplet")
-#: Arm -> (gamma, the maps that drive the mask); the compute-matched baseline trains
-#: without mining for as long as the default-maps arm took.
+#: Arm -> (gamma, None for ``--gamma``; the maps that drive the mask, ``"default"`` for the
+#: ``default_method`` setting; SAMLoss options). The compute-matched baseline trains
+#: without mining for as long as the default-maps arm took. The arms after it are issue
+#: 24's: the mining term's two directions, linear and as hinges (``"criterion"``: the
+#: metric loss's own margin, :func:`mining_options`), and the maps choosing crops, against
+#: random crops of the same sizes, with the crops' loss weighted as the images' (WS-DAN
+#: averages the two).
 ARMS = {
-    "baseline": (0.0, "sam"),
-    "sam_paper": (None, "sam"),
-    "sam_default": (None, DEFAULT_METHOD),
-    "baseline_compute_matched": (0.0, "sam"),
+    "baseline": (0.0, "sam", {}),
+    "sam_paper": (None, "sam", {}),
+    "sam_default": (None, "default", {}),
+    "baseline_compute_matched": (0.0, "sam", {}),
+    "erase": (None, "default", {"direction": "erase"}),
+    "drop": (None, "default", {"direction": "drop"}),
+    "erase_hinge": (None, "default", {"direction": "erase", "mining_margin": "criterion"}),
+    "drop_hinge": (None, "default", {"direction": "drop", "mining_margin": "criterion"}),
+    "crop": (1.0, "default", {"augmentation": "crop"}),
+    "random_crop": (1.0, "default", {"augmentation": "random_crop"}),
 }
+#: The arms a plain run trains (the others are chosen with ``--arms``).
+MAIN_ARMS = ("baseline", "sam_paper", "sam_default", "baseline_compute_matched")
+#: Arms that train with the maps.
+MINING_ARMS = tuple(a for a in ARMS if not a.startswith("baseline"))
+#: The metric losses' margins (see :func:`criterion_for`): a Siamese same-class pair is
+#: pulled within POS, a different-class pair pushed beyond NEG; a triplet's anchor must be
+#: nearer its positive by TRIPLET.
+POS_MARGIN, NEG_MARGIN, TRIPLET_MARGIN = 0.0, 0.5, 0.2
 KS = (1, 2, 4)
 #: What a run's results depend on, beyond its protocol, kind, arm and seed.
 SETTINGS = ("size", "steps", "batch", "lr", "frozen_blocks", "gamma", "alpha", "beta",
-            "mining_gradient", "masked_slots", "test_limit")
-_MINING_SETTINGS = ("gamma", "alpha", "beta", "mining_gradient", "masked_slots")
+            "mining_gradient", "masked_slots", "test_limit", "default_method")
+_MINING_SETTINGS = ("gamma", "alpha", "beta", "mining_gradient", "masked_slots",
+                    "default_method")
 _TRAINING_SETTINGS = ("steps", "batch", "lr", "frozen_blocks")
-#: Settings added after runs were first stored, with the value those runs had.
-_ADDED = {"mining_gradient": "full", "masked_slots": None}
+#: Settings added after runs were first stored, with the value those runs had (the
+#: default maps were partner-aware SAM until the similar-pairs issue made them the
+#: contribution reading).
+_ADDED = {"mining_gradient": "full", "masked_slots": None, "default_method": "psam"}
+
+
+def mining_options(arm: str, kind: str) -> dict:
+    """The arm's SAMLoss options for a kind, a ``"criterion"`` margin made the metric
+    loss's: a masked same-class pair erased until it is as far apart as a different-class
+    pair must be (NEG), or dropped to stay as near as a same-class pair must be (POS); a
+    masked triplet erased until it no longer meets the triplet margin, or dropped until
+    it meets it again."""
+    options = dict(ARMS[arm][2])
+    if options.get("mining_margin") == "criterion":
+        if kind != "siamese":
+            options["mining_margin"] = TRIPLET_MARGIN
+        else:
+            options["mining_margin"] = NEG_MARGIN if options["direction"] == "erase" \
+                else POS_MARGIN
+    return options
+
+
+def same_run_as(arm: str, kind: str) -> Optional[str]:
+    """An earlier arm whose run this arm's is, step for step, or ``None``: the paper's
+    direction is erasing for pairs and dropping otherwise, and a drop hinge at a Siamese
+    margin of 0 is the linear term."""
+    options = mining_options(arm, kind) if arm in ARMS else {}
+    direction = options.get("direction")
+    if options.get("augmentation") or direction is None:
+        return None
+    if options.get("mining_margin") is None:
+        return "sam_default" if direction == ("erase" if kind == "siamese" else "drop") else None
+    if kind == "siamese" and direction == "drop" and options["mining_margin"] == 0:
+        return "drop"
+    return None
 
 
 def arm_settings(arm: str, settings: dict) -> dict:
@@ -52,7 +105,7 @@ def arm_settings(arm: str, settings: dict) -> dict:
     the baseline on none of mining's (so every mining variant shares one baseline). The
     compute-matched baseline keeps them all, as its length follows the mining arm's time."""
     drop = {"untrained": _MINING_SETTINGS + _TRAINING_SETTINGS,
-            "baseline": _MINING_SETTINGS}.get(arm, ())
+            "baseline": _MINING_SETTINGS, "sam_paper": ("default_method",)}.get(arm, ())
     return {k: v for k, v in {**_ADDED, **settings}.items() if k not in drop}
 
 
@@ -161,20 +214,21 @@ def train_mode(net: nn.Module) -> None:
             module.eval()
 
 
-def criterion_for(kind: str, net: nn.Module, gamma: float, method: str, settings: dict):
+def criterion_for(kind: str, net: nn.Module, gamma: float, method: str, settings: dict,
+                  options: Optional[dict] = None):
     from pytorch_metric_learning import losses, miners
 
     if kind == "siamese":
-        loss = losses.ContrastiveLoss(pos_margin=0.0, neg_margin=0.5)
-        miner = miners.PairMarginMiner(pos_margin=0.0, neg_margin=0.5)
+        loss = losses.ContrastiveLoss(pos_margin=POS_MARGIN, neg_margin=NEG_MARGIN)
+        miner = miners.PairMarginMiner(pos_margin=POS_MARGIN, neg_margin=NEG_MARGIN)
     else:
-        loss = losses.TripletMarginLoss(margin=0.2)
-        miner = miners.TripletMarginMiner(margin=0.2, type_of_triplets="semihard")
+        loss = losses.TripletMarginLoss(margin=TRIPLET_MARGIN)
+        miner = miners.TripletMarginMiner(margin=TRIPLET_MARGIN, type_of_triplets="semihard")
     slots = settings.get("masked_slots")
     return SAMLoss(net, loss, gamma=gamma, alpha=settings["alpha"], beta=settings["beta"],
                    miner=None if kind == "quadruplet" else miner, method=method,
                    masked_slots=None if slots is None else tuple(slots),
-                   mining_gradient=settings.get("mining_gradient", "full"))
+                   mining_gradient=settings.get("mining_gradient", "full"), **(options or {}))
 
 
 def class_balanced_batch(labels: Tensor, size: int, g: torch.Generator) -> Tensor:
@@ -191,10 +245,12 @@ def class_balanced_batch(labels: Tensor, size: int, g: torch.Generator) -> Tenso
 def train_arm(arm: str, kind: str, protocol: Protocol, seed: int, steps: int,
               settings: dict) -> tuple[EmbeddingNet, dict]:
     """One arm's run: ``steps`` steps from the seed's initial weights and batches."""
-    gamma, method = ARMS[arm]
+    gamma, method, _ = ARMS[arm]
     gamma = settings["gamma"] if gamma is None else gamma
+    if method == "default":
+        method = settings.get("default_method", DEFAULT_METHOD)
     net = build_net(seed, settings["frozen_blocks"])
-    criterion = criterion_for(kind, net, gamma, method, settings)
+    criterion = criterion_for(kind, net, gamma, method, settings, mining_options(arm, kind))
     trainable = [p for p in net.parameters() if p.requires_grad]
     optimiser = torch.optim.Adam(trainable, lr=settings["lr"])
     schedule = torch.optim.lr_scheduler.LambdaLR(

@@ -58,6 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _finetune import (  # noqa: E402
     ARMS,
     KINDS,
+    MAIN_ARMS,
     SETTINGS,
     arm_settings,
     build_net,
@@ -66,6 +67,7 @@ from _finetune import (  # noqa: E402
     pml_precision_at_1,
     recall,
     run_key,
+    same_run_as,
     train_arm,
     with_current_keys,
 )
@@ -74,6 +76,7 @@ from _pretrained_report import maps_check, markdown, summary  # noqa: E402
 
 from simexplain._files import atomic_write  # noqa: E402
 from simexplain.data import fashion_mnist_available  # noqa: E402
+from simexplain.methods import DEFAULT_METHOD  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -86,7 +89,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--root", default=None, help="the dataset folder for cub200/cars196/sop")
     p.add_argument("--protocols", nargs="+", default=None, help="default: all of the data's")
     p.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
-    p.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
+    p.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(MAIN_ARMS),
+                   help="default: the paper's and the default maps' arms with their "
+                        "baselines; issue 24's are erase, drop, erase_hinge, drop_hinge, "
+                        "crop and random_crop")
+    p.add_argument("--default-method", default=DEFAULT_METHOD,
+                   help="the maps of the 'default' arms (default: simexplain's default)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--size", type=int, default=96, help="image side (px)")
     p.add_argument("--steps", type=int, default=100, help="training steps of the baseline")
@@ -170,6 +178,13 @@ def main(argv=None) -> int:
                     if key in runs and not keep:
                         continue
                     steps = args.steps
+                    alias = same_run_as(arm, kind)
+                    earlier = alias and runs.get(run_key(protocol.name, kind, alias, seed,
+                                                         settings))
+                    if earlier and not keep:
+                        runs[key] = {**earlier, "arm": arm, "same_run_as": alias}
+                        save()
+                        continue
                     if arm == "baseline_compute_matched":
                         timed = [runs.get(run_key(protocol.name, kind, a, seed, settings))
                                  for a in ("baseline", "sam_default")]

@@ -2,16 +2,12 @@
 
 Section 2 of the project's METHOD.md (after Zheng et al., "Visual Similarity Attention"):
 each tuple's maps, computed with a graph, soft-mask its images where the maps are high;
-the masked images are embedded again, and the mining term is small when the masked
-tuple no longer meets its criterion (the anchor is no nearer its positive than its
-negative), i.e. when the maps have found all of the evidence. The total loss is
-``L = L_ml + gamma * L_sm`` with any metric-learning loss ``L_ml``.
-
-:class:`SAMLoss` runs the whole step on tuples of images or on a batch with labels plus a
-pytorch-metric-learning miner or ``indices_tuple``; its pieces are
-:func:`~simexplain.training.soft_mask`, the maps of
-:func:`~simexplain.training.occurrence_maps.occurrence_maps` and the mining term
-:class:`~simexplain.training.SimilarityMiningLoss`.
+the masked images are embedded again and the mining term ``L_sm`` compares them. Which
+way it pushes (``direction``: the paper's terms, erasing or dropping) is set out in
+:mod:`~simexplain.training.mining_terms`. The total loss is ``L = L_ml + gamma * L_sm``
+with any metric-learning loss ``L_ml``. Instead of masking, the maps can choose crops
+(``augmentation="crop"``, :mod:`~simexplain.training.map_crops`), with random crops of the
+same sizes as the control.
 
 Which activations the maps use: those of the training forward pass itself (train
 mode, so BatchNorm normalises with the batch's statistics), the very pass whose
@@ -19,13 +15,11 @@ embeddings the metric loss sees. This costs no extra forward, and the maps expla
 network as it is being trained. The masked images go through a second forward, also in
 train mode, but with BatchNorm's running statistics frozen for it: masked images are
 not the distribution the model will see at test time, so they must not shift the
-running mean and variance.
-"""
+running mean and variance."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
@@ -41,44 +35,15 @@ from ..engine.tuples import check_index_tuples, check_labels
 from ..errors import InputError
 from ..methods.defaults import DEFAULT_METHOD
 from ..methods.centre import reference_centre
-from .loss_inputs import check_options, is_pml_loss, pair_flags
+from .loss_inputs import check_augmentation, check_options, pair_flags, tuple_metric
 from .masked_pass import check_masked_slots, masked_embeddings, slot_embeddings, slots_to_mask
+from .loss_parts import SAMLossParts
+from .map_crops import map_crops
 from .masking import kept_fraction
 from .mining_terms import SimilarityMiningLoss
 from .occurrence_maps import mining_directions, occurrence_maps
 
-__all__ = ["SAMLoss", "SAMLossParts"]
-
-
-@dataclass
-class SAMLossParts:
-    """The parts of the last :class:`SAMLoss` call, detached, for logging.
-
-    Attributes:
-        total: ``metric + gamma * mining``.
-        metric: the metric-learning loss ``L_ml`` on the unmasked embeddings.
-        mining: the mining term ``L_sm`` (zero when no tuple was mined or ``gamma=0``).
-        mining_tuples: how many tuples the mining term used.
-        erased: the mean fraction of the masked images that the soft mask erased (zero
-            without mining). Near 1, the maps have spread over whole images and the
-            masks erase everything: the mining term then says nothing about evidence.
-    """
-
-    total: Tensor
-    metric: Tensor
-    mining: Tensor
-    mining_tuples: int
-    erased: Optional[Tensor] = None
-
-    def as_dict(self) -> dict[str, float]:
-        """Plain floats (synchronises with the device)."""
-        return {
-            "loss": float(self.total),
-            "metric_loss": float(self.metric),
-            "mining_loss": float(self.mining),
-            "mining_tuples": float(self.mining_tuples),
-            "erased_fraction": 0.0 if self.erased is None else float(self.erased),
-        }
+__all__ = ["SAMLoss"]
 
 
 ImagesOrTuple = Union[Tensor, Sequence[Tensor]]
@@ -123,7 +88,21 @@ class SAMLoss(nn.Module):
             triplet's positive; the others enter the mining term unmasked and held fixed.
             ``None`` (the paper's) masks all (:mod:`~simexplain.training.masked_pass`).
         mining_gradient: ``"full"`` (the paper's) trains the network through the maps and
-            through the embeddings of the masked images; ``"maps"`` only through the maps.
+            through the embeddings of the masked images; ``"maps"`` only through the maps;
+            ``"embeddings"`` only through the embeddings, the mask held fixed (the cheap
+            step, :mod:`~simexplain.training.masked_pass`).
+        direction: which way the mining term pushes: ``"paper"`` (the paper's terms:
+            a same-class pair erased, a triplet or quadruplet dropped), ``"erase"``
+            (masked tuples should fail their criterion) or ``"drop"`` (they should still
+            meet it); :mod:`~simexplain.training.mining_terms` gives the equations.
+        mining_margin: ``None`` (the linear terms, the paper's form) or the margin of a
+            hinge: the distance within which a masked same-class pair counts as similar,
+            or by which a masked anchor must be nearer its positive than its negative.
+        augmentation: ``"mask"`` (the paper's mining term on masked tuples), ``"crop"``
+            (``L_sm`` is the metric loss on each image cropped to where its map reaches
+            ``crop_threshold`` of its maximum, resized to the input size) or
+            ``"random_crop"`` (crops of the same sizes at random places: the control).
+        crop_threshold: in (0, 1], for cropping (see ``augmentation``).
         **layer_options: ``layout``, ``num_prefix_tokens`` or ``reshape_transform``: how to
             read the layer's output, and ``output``: how to pick the embedding from a
             model that returns more (a key, an index or a callable), as for
@@ -160,11 +139,20 @@ class SAMLoss(nn.Module):
         reference: Any = None,
         masked_slots: Optional[Sequence[int]] = None,
         mining_gradient: str = "full",
+        direction: str = "paper",
+        mining_margin: Optional[float] = None,
+        augmentation: str = "mask",
+        crop_threshold: float = 0.5,
         **layer_options: Any,
     ) -> None:
         super().__init__()
         check_options(model, metric_loss, gamma, alpha, beta, max_mining_tuples, method,
                       reference, mining_gradient)
+        check_augmentation(augmentation, direction, mining_margin, crop_threshold)
+        self.direction = direction
+        self.mining_margin = None if mining_margin is None else float(mining_margin)
+        self.augmentation = augmentation
+        self.crop_threshold = float(crop_threshold)
         self.masked_slots = check_masked_slots(masked_slots)
         self.mining_gradient = mining_gradient
         self.engine = SimilarityEngine(model, layer, eval_mode=False, **layer_options)
@@ -198,9 +186,11 @@ class SAMLoss(nn.Module):
         return self._fixed_centre
 
     def extra_repr(self) -> str:
-        extra = "" if self.masked_slots is None else f", masked_slots={self.masked_slots}"
-        if self.mining_gradient != "full":
-            extra += f", mining_gradient={self.mining_gradient!r}"
+        options = {"masked_slots": (self.masked_slots, None), "mining_gradient": (
+            self.mining_gradient, "full"), "direction": (self.direction, "paper"),
+            "mining_margin": (self.mining_margin, None),
+            "augmentation": (self.augmentation, "mask")}
+        extra = "".join(f", {k}={v!r}" for k, (v, default) in options.items() if v != default)
         return (f"method={self.method!r}, gamma={self.gamma}, alpha={self.alpha}, "
                 f"beta={self.beta}{extra}")
 
@@ -264,31 +254,17 @@ class SAMLoss(nn.Module):
         positions = [k * batch + torch.arange(batch, device=images.device) for k in range(count)]
         activation, embeddings, layer = self._forward(images, args)
         flat_labels = None if slot_labels is None else slot_labels.t().reshape(-1)
-        slot_embeddings = list(embeddings.reshape(count, batch, -1).unbind(0))
 
-        if is_pml_loss(self.metric_loss):
-            if count == 2:
-                pml_tuple = (positions[0][same], positions[1][same],
-                             positions[0][~same], positions[1][~same])
-            elif count == 3:
-                pml_tuple = tuple(positions)
-            else:  # a quadruplet is two triplets sharing anchor and positive
-                a, p, n1, n2 = positions
-                pml_tuple = (torch.cat([a, a]), torch.cat([p, p]), torch.cat([n1, n2]))
-            metric = self.metric_loss(embeddings, flat_labels, indices_tuple=pml_tuple)
-        elif count == 2:
-            metric = self.metric_loss(slot_embeddings[0], slot_embeddings[1], same)
-        else:
-            metric = self.metric_loss(*slot_embeddings)
-
+        metric_of = tuple_metric(self.metric_loss, positions, same if count == 2 else None,
+                                 flat_labels)
         if count == 2:
             mining_tuples = [positions[0][same], positions[1][same]]
             kind = "same_pair"
         else:
             mining_tuples, kind = positions, ("triplet" if count == 3 else "quadruplet")
         limit = self.max_mining_tuples
-        return self._finish(images, activation, embeddings, layer, metric, mining_tuples, kind,
-                            limit, args)
+        return self._finish(images, activation, embeddings, layer, metric_of, mining_tuples,
+                            kind, limit, args)
 
     def _batch_step(self, images: Tensor, labels: Any, indices_tuple: Any, args: tuple):
         check_tuple_inputs((images, images))
@@ -313,14 +289,16 @@ class SAMLoss(nn.Module):
         activation, embeddings, layer = self._forward(images, args)
         if indices_tuple is None:
             indices_tuple = check_index_tuples(labels, self.miner(embeddings, labels))
-        metric = self.metric_loss(embeddings, labels, indices_tuple=indices_tuple)
+        def metric_of(embeddings: Tensor) -> Tensor:
+            return self.metric_loss(embeddings, labels, indices_tuple=indices_tuple)
+
         if len(indices_tuple) == 3:
             mining_tuples, kind = list(indices_tuple), "triplet"
         else:
             mining_tuples, kind = list(indices_tuple[:2]), "same_pair"
         limit = self.max_mining_tuples or math.ceil(images.shape[0] / len(mining_tuples))
-        return self._finish(images, activation, embeddings, layer, metric, mining_tuples, kind,
-                            limit, args)
+        return self._finish(images, activation, embeddings, layer, metric_of, mining_tuples,
+                            kind, limit, args)
 
     # -- the shared step ---------------------------------------------------------------
 
@@ -347,12 +325,13 @@ class SAMLoss(nn.Module):
         activation: Optional[Tensor],
         embeddings: Tensor,
         layer: Optional[FeatureLayer],
-        metric: Tensor,
+        metric_of: Callable[[Tensor], Tensor],
         mining_tuples: list[Tensor],
         kind: str,
         limit: Optional[int],
         args: tuple,
     ) -> Tensor:
+        metric = metric_of(embeddings)
         count = int(mining_tuples[0].numel())
         if limit is not None and count > limit:
             keep = torch.randperm(count, device=mining_tuples[0].device)[:limit]
@@ -364,13 +343,13 @@ class SAMLoss(nn.Module):
             total = metric
             count = 0 if self.gamma == 0 else count
         else:
-            mining, erased = self._mining_term(images, activation, embeddings, layer,
-                                               mining_tuples, kind, args)
+            mining, erased = self._map_term(images, activation, embeddings, layer,
+                                            mining_tuples, kind, args, metric_of)
             total = metric + self.gamma * mining
         self.last = SAMLossParts(total.detach(), metric.detach(), mining.detach(), count, erased)
         return total
 
-    def _mining_term(
+    def _map_term(
         self,
         images: Tensor,
         activation: Tensor,
@@ -379,20 +358,34 @@ class SAMLoss(nn.Module):
         mining_tuples: list[Tensor],
         kind: str,
         args: tuple,
+        metric_of: Callable[[Tensor], Tensor],
     ) -> tuple[Tensor, Tensor]:
-        """The mining term and the mean fraction the masks erased (detached)."""
+        """What the maps add, the mining term on masked tuples or the metric loss on
+        crops, and the mean fraction of the images the masks erased or the crops cut
+        away (detached)."""
         centre = self._centre(F.normalize(embeddings, dim=-1))
         units, vectors = mining_directions(self.method, embeddings, mining_tuples, kind, centre)
+        if self.augmentation != "mask":
+            crops, boxes = map_crops(self.engine, activation, layer, units, vectors, images,
+                                     torch.cat(mining_tuples), self.relu, self.crop_threshold,
+                                     at_random=self.augmentation == "random_crop")
+            crop_embeddings = masked_embeddings(self.model, crops, args,
+                                                self.freeze_norm_statistics, "full",
+                                                self.engine.output)
+            areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+            return metric_of(crop_embeddings), 1 - areas.mean()
         slots = slots_to_mask(self.masked_slots, len(mining_tuples), kind)
         count = mining_tuples[0].numel()
         if len(slots) < len(mining_tuples):  # vectors are slot-major
             vectors = vectors.reshape(len(mining_tuples), count, -1)[list(slots)].flatten(0, 1)
         occurrences = torch.cat([mining_tuples[k] for k in slots])  # image of each occurrence
         maps = occurrence_maps(self.engine, activation, units, layer, occurrences, vectors,
-                               images.shape[-2:], self.relu)
+                               images.shape[-2:], self.relu,
+                               create_graph=self.mining_gradient != "embeddings")
         keep = kept_fraction(maps, images.shape[-2:], self.alpha, self.beta)
         masked = images[occurrences] * keep.unsqueeze(1).to(images.dtype)
         masked_out = masked_embeddings(self.model, masked, args, self.freeze_norm_statistics,
                                        self.mining_gradient, self.engine.output)
         per_slot = slot_embeddings(masked_out, embeddings, mining_tuples, slots)
-        return SimilarityMiningLoss(kind)(*per_slot), 1 - keep.detach().float().mean()
+        term = SimilarityMiningLoss(kind, self.direction, self.mining_margin)
+        return term(*per_slot), 1 - keep.detach().float().mean()

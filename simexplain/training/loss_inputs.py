@@ -1,23 +1,23 @@
 """How :class:`~simexplain.training.SAMLoss` reads what it is given: its options, pairs' same-class
-flags, and whether a metric loss is pytorch-metric-learning's."""
+flags, and how its metric loss is called on tuples of images."""
 
 from __future__ import annotations
 
 import math
 import sys
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
-from torch import Tensor
-
-from torch import nn
+from torch import Tensor, nn
 
 from ..errors import InputError
+from .map_crops import CROP_MODES, check_crop_threshold
 from .masked_pass import MINING_GRADIENTS
 from .masking import check_mask_parameters
+from .mining_terms import check_direction
 from .occurrence_maps import MINING_METHODS
 
-__all__ = ["check_options", "pair_flags", "is_pml_loss"]
+__all__ = ["check_options", "check_augmentation", "pair_flags", "is_pml_loss", "tuple_metric"]
 
 
 def pair_flags(same_class: Any, slot_labels: Optional[Tensor], batch: int) -> Tensor:
@@ -47,6 +47,47 @@ def is_pml_loss(loss: Any) -> bool:
     # seconds on the first call for users of plain losses.
     module = sys.modules.get("pytorch_metric_learning.losses")
     return module is not None and isinstance(loss, module.BaseMetricLossFunction)
+
+
+def tuple_metric(
+    metric_loss: Callable[..., Tensor], positions: Sequence[Tensor], same: Optional[Tensor],
+    labels: Optional[Tensor],
+) -> Callable[[Tensor], Tensor]:
+    """The metric loss of tuples of images as a function of their embeddings ``(N, d)``
+    (slot-major, slot ``k`` at rows ``positions[k]``): a pytorch-metric-learning loss
+    gets the tuples as ``indices_tuple`` (pairs split by ``same``; a quadruplet as two
+    triplets sharing anchor and positive), any other callable one batch per slot, plus
+    ``same`` for pairs."""
+    count = len(positions)
+    if is_pml_loss(metric_loss):
+        if count == 2:
+            pml_tuple: tuple = (positions[0][same], positions[1][same],
+                                positions[0][~same], positions[1][~same])
+        elif count == 3:
+            pml_tuple = tuple(positions)
+        else:
+            a, p, n1, n2 = positions
+            pml_tuple = (torch.cat([a, a]), torch.cat([p, p]), torch.cat([n1, n2]))
+        return lambda embeddings: metric_loss(embeddings, labels, indices_tuple=pml_tuple)
+
+    def per_slot(embeddings: Tensor) -> Tensor:
+        slots = list(embeddings.reshape(count, -1, embeddings.shape[-1]).unbind(0))
+        return metric_loss(*slots, same) if count == 2 else metric_loss(*slots)
+
+    return per_slot
+
+
+def check_augmentation(augmentation: Any, direction: Any, margin: Any, threshold: Any) -> None:
+    """Raise :class:`~simexplain.errors.InputError` for a wrong augmentation, mining
+    direction, mining margin or crop threshold."""
+    if augmentation not in ("mask", *CROP_MODES):
+        raise InputError(
+            f"augmentation must be 'mask' (the mining term on masked tuples), 'crop' (the "
+            f"metric loss on map-guided crops) or 'random_crop' (its control), got "
+            f"{augmentation!r}"
+        )
+    check_direction(direction, margin)
+    check_crop_threshold(threshold)
 
 
 def check_options(model: Any, metric_loss: Any, gamma: Any, alpha: Any, beta: Any,

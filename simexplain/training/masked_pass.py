@@ -11,7 +11,12 @@ exposes as options for studying why mining helps or not:
 * ``mining_gradient``: ``"full"`` (the paper's) trains the network through both the maps
   (which decide the mask) and the embedding of the masked images; ``"maps"`` holds the
   network's parameters fixed in the masked pass, so the mining term can only move the
-  maps, not teach the network to embed masked images differently.
+  maps, not teach the network to embed masked images differently; ``"embeddings"`` is
+  the converse, WS-DAN's way: the maps choose the mask without a graph, like a data
+  augmentation, and the term trains only how masked images are embedded. That is also
+  the cheap step: no gradient has to reach the pixels of the masked images, so the
+  backward of the masked pass stops where a plain step's does (at the first trainable
+  layer), and the maps need no double backward.
 """
 
 from __future__ import annotations
@@ -30,8 +35,9 @@ from ..errors import InputError
 __all__ = ["MINING_GRADIENTS", "check_masked_slots", "slots_to_mask", "masked_embeddings",
            "slot_embeddings"]
 
-#: What the masked pass trains: everything (the paper), or only through the maps.
-MINING_GRADIENTS = ("full", "maps")
+#: What the mining term trains: everything (the paper), only through the maps, or only
+#: through the masked images' embeddings (the mask held fixed).
+MINING_GRADIENTS = ("full", "maps", "embeddings")
 
 
 def check_masked_slots(masked_slots: Any) -> Optional[tuple[int, ...]]:

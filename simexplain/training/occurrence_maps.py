@@ -76,8 +76,10 @@ def occurrence_maps(
     vectors: Tensor,
     image_hw: Sequence[int],
     relu: bool = True,
+    create_graph: bool = True,
 ) -> Tensor:
-    """Maps ``(len(occurrences), h, w)`` of each (tuple, slot) occurrence, with a graph.
+    """Maps ``(len(occurrences), h, w)`` of each (tuple, slot) occurrence, with a graph
+    (without one, and detached, when ``create_graph`` is false).
 
     ``occurrences`` holds the batch row of every occurrence and ``vectors`` its ``v``
     (:func:`mining_directions`). One vector-Jacobian product gives the layer gradient of
@@ -100,9 +102,10 @@ def occurrence_maps(
         rows = occurrences[chosen]
         grad_outputs = torch.zeros_like(units).index_put((rows,), vectors[chosen].to(units.dtype))
         gradient = engine.layer_gradient(
-            units, activation, grad_outputs, retain_graph=True, create_graph=True
+            units, activation, grad_outputs, retain_graph=True, create_graph=create_graph
         )
-        maps.append(engine.combine(activation[rows], gradient[rows], layer, image_hw, relu))
+        chosen_activation = activation[rows] if create_graph else activation[rows].detach()
+        maps.append(engine.combine(chosen_activation, gradient[rows], layer, image_hw, relu))
         positions.append(chosen)
     stacked = torch.cat(maps)
     result = torch.empty_like(stacked)

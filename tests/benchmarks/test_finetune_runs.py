@@ -8,7 +8,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
-from _finetune import arm_settings, run_key, with_current_keys  # noqa: E402
+from _finetune import (  # noqa: E402
+    arm_settings,
+    mining_options,
+    run_key,
+    same_run_as,
+    with_current_keys,
+)
 
 SETTINGS = {"size": 96, "steps": 100, "batch": 40, "lr": 1e-4, "frozen_blocks": 5,
             "gamma": 0.25, "alpha": 10.0, "beta": 0.5, "mining_gradient": "full",
@@ -39,6 +45,33 @@ def test_runs_stored_before_settings_were_added_are_re_keyed():
     runs = with_current_keys(stored)
     assert run_key("all", "triplet", "baseline", 1, SETTINGS) in runs
     assert runs[run_key("all", "triplet", "sam_default", 1, SETTINGS)] == {"arm": "sam_default"}
+
+
+def test_default_maps_split_only_the_arms_that_use_them():
+    """Runs stored before the default maps changed are keyed as partner-aware SAM's."""
+    now = {**SETTINGS, "default_method": "contribution"}
+    for arm in ("sam_default", "baseline_compute_matched", "erase", "crop"):
+        assert run_key("all", "triplet", arm, 0, SETTINGS) != run_key("all", "triplet", arm,
+                                                                      0, now)
+    for arm in ("untrained", "baseline", "sam_paper"):
+        assert run_key("all", "triplet", arm, 0, SETTINGS) == run_key("all", "triplet", arm,
+                                                                      0, now)
+    assert run_key("all", "triplet", "sam_default", 0, SETTINGS) == run_key(
+        "all", "triplet", "sam_default", 0, {**SETTINGS, "default_method": "psam"})
+
+
+def test_hinge_margins_are_the_metric_losses_and_paper_arms_are_shared():
+    assert mining_options("erase_hinge", "siamese") == {"direction": "erase",
+                                                        "mining_margin": 0.5}
+    assert mining_options("drop_hinge", "siamese")["mining_margin"] == 0.0
+    assert mining_options("erase_hinge", "quadruplet")["mining_margin"] == 0.2
+    assert mining_options("crop", "triplet") == {"augmentation": "crop"}
+    shared = {(arm, kind): same_run_as(arm, kind)
+              for arm in ("erase", "drop", "erase_hinge", "drop_hinge", "crop", "sam_default")
+              for kind in ("siamese", "triplet", "quadruplet")}
+    assert {k: v for k, v in shared.items() if v} == {
+        ("erase", "siamese"): "sam_default", ("drop", "triplet"): "sam_default",
+        ("drop", "quadruplet"): "sam_default", ("drop_hinge", "siamese"): "drop"}
 
 
 def test_file_protocol_reads_a_benchmark_folder(tmp_path):

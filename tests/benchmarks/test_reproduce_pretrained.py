@@ -61,3 +61,13 @@ def test_quick_run_writes_the_summary(tmp_path):
     assert "paired_gain_mean" in variant_arms["sam_default"]
     assert reproduce_pretrained.main(argv) == 0  # the main report lists the variant
     assert "### masked_slots=[1], mining_gradient=maps" in out.read_text()
+    # issue 24's arms: the paper's direction shares the default arm's run
+    directions = ["--quick", "--protocols", "all", "--kinds", "triplet", "--no-maps", "--arms",
+                  "baseline", "sam_default", "erase", "drop", "random_crop", "--out", str(out)]
+    assert reproduce_pretrained.main(directions) == 0
+    arms = json.loads(out.with_suffix(".json").read_text())["all"]["triplet"]
+    for arm in ("erase", "drop", "random_crop"):
+        assert {"seeds", "r1_mean", "r1_std", "paired_gain_mean", "paired_gain_std",
+                "paired_gain_vs_compute_matched_mean"} <= set(arms[arm])
+    assert arms["drop"]["r1_mean"] == arms["sam_default"]["r1_mean"]
+    assert "| triplet | random_crop |" in out.read_text()

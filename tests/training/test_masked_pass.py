@@ -71,25 +71,45 @@ def test_unmasked_slots_enter_the_mining_term_detached():
     torch.testing.assert_close(negative, embeddings[4:].detach())
 
 
-def test_maps_gradient_is_the_full_gradient_less_the_masked_embedding_path():
-    torch.manual_seed(2)
-    model = small_net()
-    inputs = triplets()
+def full_and_direct_gradients(model: nn.Module, inputs) -> tuple:
+    """The full mining gradient, its masked embedding path alone (the same term on the
+    masked images held fixed), the masked images and the full criterion."""
     full = SAMLoss(model, zero_metric, gamma=1.0, layer="3", mining_gradient="full")
     masked = masked_pass_inputs(model, full, inputs)[-1]
     full_grad = param_grads(model)
     model.zero_grad()
-    # the masked embedding path alone: the same term on the masked images held fixed
     per_slot = model(masked).reshape(3, -1, 6).unbind(0)
     SimilarityMiningLoss("triplet")(*per_slot).backward()
     direct = param_grads(model)
     model.zero_grad()
+    return full_grad, direct, masked, full
+
+
+def test_maps_gradient_is_the_full_gradient_less_the_masked_embedding_path():
+    torch.manual_seed(2)
+    model = small_net()
+    inputs = triplets()
+    full_grad, direct, _, full = full_and_direct_gradients(model, inputs)
     maps_only = SAMLoss(model, zero_metric, gamma=1.0, layer="3", mining_gradient="maps")
     loss = maps_only(inputs)
     loss.backward()
     torch.testing.assert_close(param_grads(model), full_grad - direct, atol=1e-6, rtol=1e-4)
     torch.testing.assert_close(maps_only.last.mining, full.last.mining)
     assert direct.abs().sum() > 0 and (full_grad - direct).abs().sum() > 0
+
+
+def test_embeddings_gradient_is_the_masked_embedding_path_alone():
+    """``"embeddings"``: the mask is held fixed, so the gradient is the direct path of
+    the full gradient (the same masked images, the same term)."""
+    torch.manual_seed(2)
+    model = small_net()
+    inputs = triplets()
+    _, direct, masked, full = full_and_direct_gradients(model, inputs)
+    fixed = SAMLoss(model, zero_metric, gamma=1.0, layer="3", mining_gradient="embeddings")
+    passes = masked_pass_inputs(model, fixed, inputs)
+    torch.testing.assert_close(passes[-1], masked)
+    torch.testing.assert_close(param_grads(model), direct, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(fixed.last.mining, full.last.mining)
 
 
 def test_maps_gradient_keeps_batch_norm_statistics_out_of_the_masked_pass():
