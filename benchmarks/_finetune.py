@@ -89,7 +89,7 @@ def same_run_as(arm: str, kind: str) -> Optional[str]:
     """An earlier arm whose run this arm's is, step for step, or ``None``: the paper's
     direction is erasing for pairs and dropping otherwise, and a drop hinge at a Siamese
     margin of 0 is the linear term."""
-    options = mining_options(arm, kind) if arm in ARMS else {}
+    options = mining_options(arm, kind)
     direction = options.get("direction")
     if options.get("augmentation") or direction is None:
         return None

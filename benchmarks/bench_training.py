@@ -3,7 +3,7 @@
 
 For each configuration (model, image size, triplets per step B) this measures one
 training step (forward, loss, backward, SGD update) on the same model and batch of 3B
-images, in three variants:
+images, in five variants:
 
   (a) ``plain``   ``SAMLoss(model, triplet loss, gamma=0)``: the metric loss alone, no
                   mining pass (what a baseline training step costs);
@@ -21,11 +21,10 @@ images, in three variants:
 The ratio c/a is the cost of mining (issue 24's aim for a masking step: at most 2.2); c/b
 shows what the maps cost on top of the unavoidable second pass, and c - d what the maps'
 own gradient costs: a double backward to the layer and, through the soft mask, a backward
-of the masked pass down to the pixels. Besides the maps (cheap: their gradient only runs from the
-embedding back to the explained layer), SAM's backward must carry the mining gradient
-through the soft mask into the masked images, i.e. compute the input gradient of the first
-convolution, which a plain step never needs; a profile (``--profile``) shows it as the extra
-``convolution_backward`` time.
+of the masked pass down to the pixels, i.e. the input gradient of the first convolution
+(and, with frozen stages, of every frozen block), which a plain step never needs; a
+profile (``--profile``) of (c) and (d) shows it as the extra ``convolution_backward``
+time.
 
 How it is measured (the approach and helpers of ``bench_explain.py``):
 

@@ -35,7 +35,7 @@ from ..engine.tuples import check_index_tuples, check_labels
 from ..errors import InputError
 from ..methods.defaults import DEFAULT_METHOD
 from ..methods.centre import reference_centre
-from .loss_inputs import check_augmentation, check_options, pair_flags, tuple_metric
+from .loss_inputs import check_map_options, check_options, pair_flags, tuple_metric
 from .masked_pass import check_masked_slots, masked_embeddings, slot_embeddings, slots_to_mask
 from .loss_parts import SAMLossParts
 from .map_crops import map_crops
@@ -89,8 +89,8 @@ class SAMLoss(nn.Module):
             ``None`` (the paper's) masks all (:mod:`~simexplain.training.masked_pass`).
         mining_gradient: ``"full"`` (the paper's) trains the network through the maps and
             through the embeddings of the masked images; ``"maps"`` only through the maps;
-            ``"embeddings"`` only through the embeddings, the mask held fixed (the cheap
-            step, :mod:`~simexplain.training.masked_pass`).
+            ``"embeddings"`` only through the embeddings, the mask held fixed, so no
+            gradient reaches the pixels (:mod:`~simexplain.training.masked_pass`).
         direction: which way the mining term pushes: ``"paper"`` (the paper's terms:
             a same-class pair erased, a triplet or quadruplet dropped), ``"erase"``
             (masked tuples should fail their criterion) or ``"drop"`` (they should still
@@ -148,7 +148,7 @@ class SAMLoss(nn.Module):
         super().__init__()
         check_options(model, metric_loss, gamma, alpha, beta, max_mining_tuples, method,
                       reference, mining_gradient)
-        check_augmentation(augmentation, direction, mining_margin, crop_threshold)
+        check_map_options(augmentation, direction, mining_margin, crop_threshold)
         self.direction = direction
         self.mining_margin = None if mining_margin is None else float(mining_margin)
         self.augmentation = augmentation
@@ -289,6 +289,7 @@ class SAMLoss(nn.Module):
         activation, embeddings, layer = self._forward(images, args)
         if indices_tuple is None:
             indices_tuple = check_index_tuples(labels, self.miner(embeddings, labels))
+
         def metric_of(embeddings: Tensor) -> Tensor:
             return self.metric_loss(embeddings, labels, indices_tuple=indices_tuple)
 

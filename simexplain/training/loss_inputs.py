@@ -17,7 +17,7 @@ from .masking import check_mask_parameters
 from .mining_terms import check_direction
 from .occurrence_maps import MINING_METHODS
 
-__all__ = ["check_options", "check_augmentation", "pair_flags", "is_pml_loss", "tuple_metric"]
+__all__ = ["check_options", "check_map_options", "pair_flags", "is_pml_loss", "tuple_metric"]
 
 
 def pair_flags(same_class: Any, slot_labels: Optional[Tensor], batch: int) -> Tensor:
@@ -77,7 +77,7 @@ def tuple_metric(
     return per_slot
 
 
-def check_augmentation(augmentation: Any, direction: Any, margin: Any, threshold: Any) -> None:
+def check_map_options(augmentation: Any, direction: Any, margin: Any, threshold: Any) -> None:
     """Raise :class:`~simexplain.errors.InputError` for a wrong augmentation, mining
     direction, mining margin or crop threshold."""
     if augmentation not in ("mask", *CROP_MODES):

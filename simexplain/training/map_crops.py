@@ -46,9 +46,8 @@ def map_boxes(maps: Tensor, image_hw: Sequence[int], threshold: float = 0.5) -> 
     check_crop_threshold(threshold)
     height, width = int(image_hw[0]), int(image_hw[1])
     scaled = image_maps(maps.detach(), (height, width))
-    high = scaled >= threshold
-    empty = ~high.flatten(1).any(1) | (scaled.flatten(1).amax(1) <= 0)
-    high[empty] = True
+    high = scaled >= threshold  # none for an all-zero map, as the threshold is > 0
+    high[~high.flatten(1).any(1)] = True
     rows, cols = high.any(2), high.any(1)
     top, bottom = _first(rows), height - _first(rows.flip(1))
     left, right = _first(cols), width - _first(cols.flip(1))

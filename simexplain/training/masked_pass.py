@@ -13,10 +13,11 @@ exposes as options for studying why mining helps or not:
   network's parameters fixed in the masked pass, so the mining term can only move the
   maps, not teach the network to embed masked images differently; ``"embeddings"`` is
   the converse, WS-DAN's way: the maps choose the mask without a graph, like a data
-  augmentation, and the term trains only how masked images are embedded. That is also
-  the cheap step: no gradient has to reach the pixels of the masked images, so the
-  backward of the masked pass stops where a plain step's does (at the first trainable
-  layer), and the maps need no double backward.
+  augmentation, and the term trains only how masked images are embedded. No gradient
+  then has to reach the pixels of the masked images, so the backward of the masked pass
+  stops where a plain step's does (at the first trainable layer), and the maps need no
+  double backward: the candidate for a cheaper step, which
+  ``benchmarks/bench_training.py`` times as variant (d).
 """
 
 from __future__ import annotations

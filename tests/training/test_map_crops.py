@@ -175,3 +175,28 @@ def test_bad_crop_options(kwargs, message):
 def test_bad_boxes_are_refused():
     with pytest.raises(InputError, match="boxes"):
         crop_and_resize(torch.zeros(2, 3, 4, 4), torch.zeros(3, 4))
+
+
+def test_an_image_in_several_tuples_is_cropped_around_the_mean_of_its_maps(one_thread,
+                                                                           monkeypatch):
+    from pytorch_metric_learning import losses
+
+    from simexplain.engine.maps import scale_maps
+
+    torch.manual_seed(3)
+    model = small_net()
+    images = torch.randn(5, 3, SIZE, SIZE)
+    labels = torch.tensor([0, 0, 1, 1, 2])
+    a, p, n = torch.tensor([0, 0]), torch.tensor([1, 1]), torch.tensor([2, 4])
+    seen = crop_spy(monkeypatch)
+    SAMLoss(model, losses.TripletMarginLoss(), gamma=1.0, layer="3", method="sam",
+            augmentation="crop", max_mining_tuples=10, crop_threshold=0.7)(
+        images, labels, (a, p, n))
+    (boxes,) = seen
+    maps = EmbeddingAttribution(model, "3", method="sam").attribute_tuples(
+        (images[a], images[p], images[n])).maps  # (2 tuples, 3 slots, h, w)
+    anchor = scale_maps(maps[:, 0]).mean(0, keepdim=True)  # image 0 anchors both tuples
+    single = map_boxes(maps[:, 0], (SIZE, SIZE), 0.7)
+    assert not any(torch.equal(box, map_boxes(anchor, (SIZE, SIZE), 0.7)[0]) for box in single)
+    torch.testing.assert_close(boxes[:1], map_boxes(anchor, (SIZE, SIZE), 0.7))
+    torch.testing.assert_close(boxes[2:3], map_boxes(maps[:1, 2], (SIZE, SIZE), 0.7))
