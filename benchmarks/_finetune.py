@@ -287,6 +287,18 @@ def train_arm(arm: str, kind: str, protocol: Protocol, seed: int, steps: int,
     return net, {"steps": steps, "train_s": seconds, "mean_parts": parts, **ends}
 
 
+def matched_steps(kind: str, protocol: Protocol, seed: int, steps: int, settings: dict,
+                  probe: int = 10) -> int:
+    """How many plain steps take as long as ``steps`` steps with the default maps: both
+    step costs timed here, in this process, over ``probe`` steps each, twice in
+    alternating order (stored run times may come from another host or a busier hour)."""
+    seconds = {"baseline": 0.0, "sam_default": 0.0}
+    for order in (("baseline", "sam_default"), ("sam_default", "baseline")):
+        for arm in order:
+            seconds[arm] += train_arm(arm, kind, protocol, seed, probe, settings)[1]["train_s"]
+    return max(steps, round(steps * seconds["sam_default"] / seconds["baseline"]))
+
+
 @torch.no_grad()
 def embed(net: nn.Module, images: Tensor, batch: int = 256) -> Tensor:
     net.eval()

@@ -167,6 +167,9 @@ def markdown(table: dict, runs: dict, settings: dict, protocols: list[Protocol],
         "crops of the same sizes at random places, both with weight 1 (not `gamma`). An "
         "arm that is another step for step (the paper's direction: erasing pairs, "
         "dropping triplets) shares its runs. "
+        "`train s` is each run's own training time, on the machine, thread count and "
+        "load of its day: compare it only between runs made together (the compute-matched "
+        "length is timed side by side in its own run, not read from this column). "
         "Erased: the mean fraction of the masked images that the soft masks erased "
         "(SAMLoss's `erased_fraction`; for crops, the fraction outside them), over the "
         "first and the last 10 steps; recorded for "
@@ -201,7 +204,7 @@ def other_settings(runs: dict, settings: dict) -> list[str]:
     current = arm_settings("sam_default", settings)
     stored = [json.loads(key) for key in runs]
     tried = {json.dumps(s, sort_keys=True): s for _, _, arm, _, s in stored
-             if arm in MINING_ARMS and s != current}
+             if arm in MINING_ARMS and s != arm_settings(arm, settings)}
     if not tried:
         return []
     lines = ["## Other settings tried", ""]

@@ -12,11 +12,12 @@ Fashion-MNIST as RGB, under two protocols:
 Arms, with the same initial weights and the same batches per seed: ``untrained`` (the
 pretrained backbone and the random head), ``baseline`` (the metric loss alone),
 ``sam_paper`` (mining with paper SAM's maps), ``sam_default`` (mining with the default
-maps, partner-aware SAM), and ``baseline_compute_matched`` (the metric loss alone for as
-many seconds as ``sam_default`` took). Kinds: Siamese (pytorch-metric-learning's
-contrastive loss and pair miner), triplet (triplet margin loss, semihard miner) and
-quadruplet (two triplet margins on quadruplets drawn from each batch). Recall@1/2/4 (%)
-on the test images; paired differences against the same seed's baseline.
+maps: the contribution reading since the similar-pairs issue, partner-aware SAM before),
+and ``baseline_compute_matched`` (the metric loss alone for as long as ``sam_default``
+trains, the two step costs timed side by side in the same process). Kinds: Siamese
+(pytorch-metric-learning's contrastive loss and pair miner), triplet (triplet margin
+loss, semihard miner) and quadruplet (two triplet margins on quadruplets drawn from each
+batch). Recall@1/2/4 (%) on the test images; paired differences against the same seed's baseline.
 
 For seed 0's triplet nets it also runs the maps' discriminative check of
 ``discriminative.py`` at small scale (two-object scenes of the protocol's test photos)
@@ -67,6 +68,7 @@ from _finetune import (  # noqa: E402
     pml_precision_at_1,
     recall,
     run_key,
+    matched_steps,
     same_run_as,
     train_arm,
     with_current_keys,
@@ -105,7 +107,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gamma", type=float, default=0.25)
     p.add_argument("--alpha", type=float, default=10.0)
     p.add_argument("--beta", type=float, default=0.5)
-    p.add_argument("--mining-gradient", choices=("full", "maps"), default="full",
+    p.add_argument("--mining-gradient", choices=("full", "maps", "embeddings"), default="full",
                    help="'maps': the masked pass trains only through the maps")
     p.add_argument("--masked-slots", type=int, nargs="+", default=None,
                    help="mask only these slots of each tuple, e.g. 1 (the positive)")
@@ -113,6 +115,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--maps-scenes", type=int, default=60)
     p.add_argument("--no-maps", dest="maps", action="store_false",
                    help="skip the maps' check (e.g. for a variant of the settings)")
+    p.add_argument("--report-only", action="store_true",
+                   help="write the tables from the stored runs, training nothing")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--runs", type=Path, default=None,
@@ -157,7 +161,7 @@ def main(argv=None) -> int:
         text = json.dumps({"runs": runs, "checks": all_checks}, indent=1)
         atomic_write(runs_path, lambda f: f.write(text.encode()))
 
-    for protocol in protocols:
+    for protocol in [] if args.report_only else protocols:
         for seed in args.seeds:
             key = run_key(protocol.name, "-", "untrained", seed, settings)
             if key not in runs:
@@ -186,11 +190,8 @@ def main(argv=None) -> int:
                         save()
                         continue
                     if arm == "baseline_compute_matched":
-                        timed = [runs.get(run_key(protocol.name, kind, a, seed, settings))
-                                 for a in ("baseline", "sam_default")]
-                        if None in timed:
-                            continue
-                        steps = round(args.steps * timed[1]["train_s"] / timed[0]["train_s"])
+                        steps = matched_steps(kind, protocol, seed, args.steps, settings,
+                                              probe=min(10, args.steps))
                     net, info = train_arm(arm, kind, protocol, seed, steps, settings)
                     if keep:
                         nets[arm] = net

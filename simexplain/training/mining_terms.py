@@ -10,7 +10,9 @@ Which way it pushes is a choice (METHOD.md section 2, step 4; issue 24):
   show.
 * ``"paper"``: the terms as the paper's equations read, which mix the two: a same-class
   pair is erased (``-||f1* - f2*||``), a triplet or quadruplet is dropped
-  (``||fa* - fp*|| - ||fa* - fn*||``).
+  (``||fa* - fp*|| - ||fa* - fn*||``). It is the default: on a pretrained backbone
+  (``benchmarks/results/reproduce_pretrained.md``) it was the better direction for every
+  tuple kind, though no direction gained over training without the term.
 
 Both directions are written through the tuple's *slack*, ``g``, which is positive when
 the masked tuple meets its criterion with margin ``m``:

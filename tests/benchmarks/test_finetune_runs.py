@@ -1,4 +1,5 @@
-"""How reproduce_pretrained keys its stored runs: each arm by the settings it depends on."""
+"""How reproduce_pretrained keys its stored runs (each arm by the settings it depends on)
+and how long its compute-matched baseline trains."""
 
 import json
 import sys
@@ -8,8 +9,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
+import _finetune  # noqa: E402
 from _finetune import (  # noqa: E402
     arm_settings,
+    matched_steps,
     mining_options,
     run_key,
     same_run_as,
@@ -90,3 +93,19 @@ def test_file_protocol_reads_a_benchmark_folder(tmp_path):
     assert protocol.test_images.shape == (4, 3, 8, 8)
     assert set(protocol.test_labels.tolist()) <= {2, 3}
     assert protocol.train_batch(torch.tensor([0, 5])).shape == (2, 3, 8, 8)
+
+
+def test_the_compute_matched_length_is_the_ratio_of_step_costs_timed_side_by_side(monkeypatch):
+    calls = []
+    per_step = {"baseline": 0.4, "sam_default": 1.0}
+
+    def timed(arm, kind, protocol, seed, steps, settings):
+        calls.append((arm, kind, seed, steps))
+        return None, {"train_s": per_step[arm] * steps}
+
+    monkeypatch.setattr(_finetune, "train_arm", timed)
+    assert matched_steps("triplet", None, 2, 100, SETTINGS, probe=5) == 250
+    assert calls == [("baseline", "triplet", 2, 5), ("sam_default", "triplet", 2, 5),
+                     ("sam_default", "triplet", 2, 5), ("baseline", "triplet", 2, 5)]
+    per_step["sam_default"] = 0.2  # never shorter than the baseline itself
+    assert matched_steps("triplet", None, 2, 100, SETTINGS, probe=5) == 100

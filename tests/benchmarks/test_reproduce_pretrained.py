@@ -58,6 +58,14 @@ def test_quick_run_writes_the_summary(tmp_path):
     assert len(json.loads((tmp_path / "pretrained_runs.json").read_text())["runs"]) == 10
     variant_arms = json.loads((tmp_path / "variant.json").read_text())["all"]["triplet"]
     assert variant_arms["baseline"] == arms["baseline"]
+    # --report-only writes the tables from the stored runs and trains nothing
+    report = argv[:-2] + ["--arms", "sam_default", "erase", "--report-only", "--runs",
+                          str(tmp_path / "pretrained_runs.json"), "--out",
+                          str(tmp_path / "report.md")]
+    assert reproduce_pretrained.main(report) == 0
+    assert len(json.loads((tmp_path / "pretrained_runs.json").read_text())["runs"]) == 10
+    reported = json.loads((tmp_path / "report.json").read_text())["all"]["triplet"]
+    assert reported["sam_default"] == arms["sam_default"] and "erase" not in reported
     assert "paired_gain_mean" in variant_arms["sam_default"]
     assert reproduce_pretrained.main(argv) == 0  # the main report lists the variant
     assert "### masked_slots=[1], mining_gradient=maps" in out.read_text()
