@@ -31,7 +31,8 @@ from simexplain.methods import DEFAULT_METHOD
 KINDS = ("siamese", "triplet", "quadruplet")
 #: Arm -> (gamma, None for ``--gamma``; the maps that drive the mask, ``"default"`` for the
 #: ``default_method`` setting; SAMLoss options). The compute-matched baseline trains
-#: without mining for as long as the default-maps arm took. The arms after it are issue
+#: without mining for as long as the default-maps arm's steps take (:func:`matched_steps`
+#: times both). The arms after it are issue
 #: 24's: the mining term's two directions, linear and as hinges (``"criterion"``: the
 #: metric loss's own margin, :func:`mining_options`), and the maps choosing crops, against
 #: random crops of the same sizes, with the crops' loss weighted as the images' (WS-DAN

@@ -91,7 +91,7 @@ def _triplet_slack(anchor: Tensor, positive: Tensor, *negatives: Tensor, margin:
 
 
 _SLACKS: dict[str, Callable[..., Tensor]] = {
-    "same_pair": lambda f1, f2, margin: _pair_slack(f1, f2, margin),
+    "same_pair": _pair_slack,
     "triplet": lambda a, p, n, margin: _triplet_slack(a, p, n, margin=margin),
     "quadruplet": lambda a, p, n1, n2, margin: _triplet_slack(a, p, n1, n2, margin=margin),
 }
