@@ -83,16 +83,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
 import datetime as _dt
 import gc
 import json
 import os
-import platform
-import re
-import resource
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -109,10 +103,30 @@ except ImportError:  # running from a checkout without installing it
     sys.path.insert(0, str(ROOT))
 
 from simexplain import EmbeddingAttribution  # noqa: E402
-from simexplain._files import atomic_write  # noqa: E402
 from simexplain.engine import FeatureLayer, SimilarityScore, to_spatial  # noqa: E402
 from simexplain.engine._head_only import SPLIT_AFTER_IMAGES  # noqa: E402
 from simexplain.methods import DEFAULT_METHOD  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _explain_report import (  # noqa: E402
+    VARIANTS,
+    check_text,
+    print_row,
+    write_markdown,
+)
+from _measure import (  # noqa: E402
+    atomic_write_text,
+    cpu_name,
+    cuda_peak,
+    maxrss_kib,
+    measure_memory,
+    median,
+    mem_available_mib,
+    ratio,
+    reset_high_water_mark,
+    status_kib,
+    time_call,
+)
 
 MODELS = {
     "resnet50": "torchvision resnet50, fc=Identity (2048-d)",
@@ -120,15 +134,6 @@ MODELS = {
     "vit_small": "timm vit_small_patch16_224, num_classes=0 (384-d)",
     "swin_tiny": "timm swin_tiny_patch4_window7_224, num_classes=0 (768-d)",
 }
-VARIANTS = ("forward", "simexplain", "gradcam", "captum")
-LABELS = {
-    "forward": "(a) no-grad forward",
-    "simexplain": "(b) simexplain",
-    "gradcam": "(c) pytorch-grad-cam",
-    "captum": "(d) captum LayerGradCam",
-}
-#: Issue 25's targets: b/a for every model (ResNet rows were at most 1.05 before it).
-TARGETS = {"time_b_a": 1.05, "mem_b_a": 1.2, "time_c_b": 2.5, "time_d_b": 1.0}
 #: The methods whose maps are checked against captum's and pytorch-grad-cam's: the default
 #: (the one timed) and paper SAM.
 CHECKED_METHODS = tuple(dict.fromkeys((DEFAULT_METHOD, "sam")))
@@ -136,7 +141,6 @@ CHECKED_METHODS = tuple(dict.fromkeys((DEFAULT_METHOD, "sam")))
 #: device: float32 rounding on a CPU; on CUDA cuDNN may pick other algorithms (and TF32) for
 #: the peers' passes. A peer computing another method's score differs by about 1.
 MAP_RTOL = {"cpu": 1e-4, "cuda": 1e-3}
-MIB = 1024.0 * 1024.0
 
 
 # ------------------------------------------------------------------------------------ setup
@@ -385,85 +389,7 @@ def check_equivalence(setup: Setup, peers: Optional[Setup] = None,
     return out
 
 
-def check_text(method: str, c: dict) -> str:
-    """One line describing a check's result."""
-    cap = c["captum_max_rel_diff"]
-    cap_text = "n/a (token layout, captum has no reshape)" if cap is None else f"{cap:.1e}"
-    peer = c.get("peer_method", method)
-    return (
-        f"`{method}` (peers compute `{peer}`'s score): raw maps vs captum {cap_text}, vs "
-        f"pytorch-grad-cam before its scaling {c['gradcam_max_rel_diff']:.1e} (max |diff| / "
-        f"max |map|, tolerance {c['rtol']:.0e}); pytorch-grad-cam's output vs simexplain's "
-        f"maps upsampled+scaled {c['gradcam_scaled_max_abs_diff']:.1e} (max |diff| on [0, 1], "
-        f"not gated); all-zero maps (random weights): {c['zero_maps']}/{c['maps']}"
-    )
-
-
-# --------------------------------------------------------------------------------- timing
-
-
-def time_call(run: Callable[[], Any], device: torch.device) -> float:
-    if device.type == "cuda":
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        start.record()
-        out = run()
-        stop.record()
-        torch.cuda.synchronize()
-        seconds = start.elapsed_time(stop) / 1000.0
-    else:
-        t0 = time.perf_counter()
-        out = run()
-        seconds = time.perf_counter() - t0
-    del out
-    return seconds
-
-
-def cuda_peak(run: Callable[[], Any], cleanup: Callable[[], None]) -> float:
-    """Peak device memory above the allocation before the call, MiB."""
-    gc.collect()
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    out = run()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
-    del out
-    cleanup()
-    return peak / MIB
-
-
 # --------------------------------------------------------------------- memory (subprocess)
-
-
-def _status_kib(field: str) -> Optional[int]:
-    try:
-        text = Path("/proc/self/status").read_text()
-    except OSError:
-        return None
-    m = re.search(rf"^{field}:\s+(\d+)\s+kB", text, re.M)
-    return int(m.group(1)) if m else None
-
-
-def _maxrss_kib() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-
-
-def _reset_high_water_mark() -> bool:
-    """Reset the RSS high-water mark (Linux >= 4.0); True when ru_maxrss followed."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    rss = _status_kib("VmRSS")
-    return rss is not None and _maxrss_kib() <= rss * 1.02 + 1024
 
 
 def memory_worker(spec: dict) -> dict:
@@ -476,53 +402,20 @@ def memory_worker(spec: dict) -> dict:
     if spec["variant"] == "simexplain":
         setup.settle()
     gc.collect()
-    reset = _reset_high_water_mark()
-    base = _maxrss_kib()
-    base_rss = _status_kib("VmRSS")
+    reset = reset_high_water_mark()
+    base = maxrss_kib()
+    base_rss = status_kib("VmRSS")
     for _ in range(spec["calls"]):  # the first (warm-up) call is included
         out = run()
         del out
         setup.cleanup()
-    peak = _maxrss_kib()
+    peak = maxrss_kib()
     return {
         "peak_mib": (peak - base) / 1024.0,
         "baseline_mib": base / 1024.0,
         "baseline_rss_mib": None if base_rss is None else base_rss / 1024.0,
         "hwm_reset": reset,
     }
-
-
-def measure_memory(spec: dict, timeout: float, script: Optional[Path] = None) -> dict:
-    """Run ``script --worker SPEC`` (default: this file) in a fresh process; its result."""
-    env = dict(os.environ)
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
-    env.setdefault("MALLOC_TRIM_THRESHOLD_", "131072")
-    env["OMP_NUM_THREADS"] = str(spec["threads"])
-    script = Path(__file__) if script is None else script
-    cmd = [sys.executable, str(script.resolve()), "--worker", json.dumps(spec)]
-    if os.path.exists("/bin/sh"):
-        # Linux keeps the largest RSS a process had across exec, so a child exec'd straight
-        # from this (large) process would start with our ru_maxrss. A small shell that forks
-        # the worker (it cannot exec it: a command follows) gives it a fresh count.
-        cmd = ["/bin/sh", "-c", '"$@"; exit $?', "sh", *cmd]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s"}
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT ") :])
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-    return {"error": f"worker exited {proc.returncode}: {' | '.join(tail)}"}
-
-
-def mem_available_mib() -> Optional[float]:
-    try:
-        text = Path("/proc/meminfo").read_text()
-    except OSError:
-        return None
-    m = re.search(r"^MemAvailable:\s+(\d+)\s+kB", text, re.M)
-    return int(m.group(1)) / 1024.0 if m else None
 
 
 # ----------------------------------------------------------------------------------- run
@@ -532,17 +425,6 @@ def default_repeats(batch: int) -> int:
     """Nine interleaved repetitions at every batch size: a ratio's median then holds
     against a few slow calls (issue 25)."""
     return 9
-
-
-def median(xs: list) -> Optional[float]:
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
-
-
-def ratio(num: Optional[float], den: Optional[float]) -> Optional[float]:
-    if num is None or den is None or den <= 0:
-        return None
-    return num / den
 
 
 def run_config(model_name: str, model: nn.Module, batch: int, args, device, first: bool,
@@ -576,7 +458,7 @@ def run_config(model_name: str, model: nn.Module, batch: int, args, device, firs
             spec = {"model": model_name, "batch": batch, "size": args.size, "seed": args.seed,
                     "variant": v, "threads": args.threads, "calls": args.mem_calls,
                     "method": setup.method}
-            res = measure_memory(spec, timeout=args.worker_timeout)
+            res = measure_memory(Path(__file__), spec, timeout=args.worker_timeout)
             mem_info[v] = res
             if "error" in res:
                 print(f"  memory {v}: {res['error']}", flush=True)
@@ -626,176 +508,6 @@ def run_config(model_name: str, model: nn.Module, batch: int, args, device, firs
     del setup, runners
     gc.collect()
     return row
-
-
-def row_method(row: dict) -> str:
-    return f"`{row['method']}`" if "method" in row else "not recorded"
-
-
-def fmt(x: Optional[float], spec: str = ".2f", missing: str = "-") -> str:
-    return missing if x is None else format(x, spec)
-
-
-def spread(row: dict, variant: str) -> str:
-    """``median (min-max)`` of a variant's times in a row."""
-    times = [x for x in row["times"].get(variant, []) if x is not None]
-    if not times:
-        return "skipped"
-    return f"{statistics.median(times):.3f} ({min(times):.3f}-{max(times):.3f})"
-
-
-def mark(value: Optional[float], target: float, upper: bool) -> str:
-    if value is None:
-        return "-"
-    ok = value <= target if upper else value >= target
-    return f"{value:.2f} {'ok' if ok else 'MISS'}"
-
-
-def print_row(row: dict) -> None:
-    r, t, m = row["ratios"], row["time_s"], row["mem_mib"]
-    print(f"{row['model']:>14} {row['device']:>4} B={row['batch']:<3} {row['method']} "
-          + " ".join(f"{v[:4]}={fmt(t.get(v), '.3f')}s" for v in VARIANTS)
-          + f" | b/a {mark(r['time_b_a'], TARGETS['time_b_a'], True)}"
-          + f" c/b {mark(r['time_c_b'], TARGETS['time_c_b'], False)}"
-          + f" d/b {mark(r['time_d_b'], TARGETS['time_d_b'], False)}"
-          + f" | mem b/a {mark(r['mem_b_a'], TARGETS['mem_b_a'], True)}"
-          + "  (MiB " + " ".join(f"{v[:4]}=+{fmt(m.get(v), '.0f')}" for v in VARIANTS) + ")",
-          flush=True)
-    for v, why in row["skipped"].items():
-        print(f"    skipped {v}: {why}")
-
-
-def write_markdown(path: Path, rows: list[dict], args, meta: dict) -> None:
-    lines = [
-        "# bench_explain: cost of explaining triplets",
-        "",
-        "Generated by "
-        + "; rows updated by ".join(
-            f"`python benchmarks/bench_explain.py {' '.join(run['argv'])}` on {run['date']} "
-            f"({run['elapsed_min']:.1f} min)" for run in meta["runs"]
-        )
-        + ".",
-        "",
-        f"- torch {torch.__version__}, {meta['cpu']}, `torch.set_num_threads({args.threads})`, "
-        f"{platform.python_implementation()} {platform.python_version()}; "
-        f"CUDA: {meta['cuda']}",
-        f"- load average at the start of each row in the `load` column "
-        f"({os.cpu_count()} CPUs visible). **{meta['note']}**",
-        f"- random weights, {args.size} px, triplets per call = B (3B images); medians of "
-        "interleaved repetitions after one warm-up call per variant (warm-up not timed). "
-        f"Before it, simexplain explains the inputs until {SPLIT_AFTER_IMAGES} images are "
-        "done, so that a class-token ViT has been split at its layer (one-time work, the "
-        "`settle` seconds in the JSON rows; memory workers settle before their baseline).",
-        "- memory: peak RSS above the baseline after setup, fresh process per cell, "
-        f"{args.mem_calls} calls with the warm-up call included; "
-        "`MALLOC_MMAP_THRESHOLD_=131072` so RSS follows live tensors.",
-        f"- targets: time b/a <= {TARGETS['time_b_a']}, memory b/a <= {TARGETS['mem_b_a']}, "
-        f"time c/b >= {TARGETS['time_c_b']}, time d/b >= {TARGETS['time_d_b']}; a ratio is "
-        "met when its medians meet it. Each time is `median (min-max)` over the repetitions.",
-        "- method: what (b) explains and what (c) and (d) compute, from the same score object "
-        "(each image's partners held at the triplet's embeddings, computed outside the timed "
-        "region).",
-        "",
-        "Time (seconds per call, median) and ratios:",
-        "",
-        "| model | layer | method | B | images | (a) forward | (b) simexplain | (c) grad-cam "
-        "| (d) captum | b/a | c/b | d/b | reps | measured | load |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
-    ]
-    cpu_rows = [r for r in rows if r["device"] == "cpu"]
-    cuda_rows = [r for r in rows if r["device"] == "cuda"]
-    for row in cpu_rows:
-        t, r = row["time_s"], row["ratios"]
-        lines.append(
-            f"| {row['model']} | `{row['layer']}` | {row_method(row)} | {row['batch']} "
-            f"| {row['images']} | "
-            + " | ".join(spread(row, v) for v in VARIANTS)
-            + f" | {mark(r['time_b_a'], TARGETS['time_b_a'], True)}"
-            + f" | {mark(r['time_c_b'], TARGETS['time_c_b'], False)}"
-            + f" | {mark(r['time_d_b'], TARGETS['time_d_b'], False)} | {row['repeats']} "
-            f"| {row.get('measured', '-')} "
-            f"| {fmt(row.get('load'))} |"
-        )
-    if any(r["mem_mib"] for r in cpu_rows):
-        lines += [
-            "",
-            "Peak RSS above the process baseline (MiB):",
-            "",
-            "| model | B | (a) forward | (b) simexplain | (c) grad-cam | (d) captum "
-            "| b/a | c/b | d/b | hwm reset |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
-        ]
-        for row in cpu_rows:
-            m, r = row["mem_mib"], row["ratios"]
-            resets = {info.get("hwm_reset") for info in row["mem_info"].values()
-                      if "error" not in info}
-            lines.append(
-                f"| {row['model']} | {row['batch']} | "
-                + " | ".join(fmt(m.get(v), ".0f", "skipped") for v in VARIANTS)
-                + f" | {mark(r['mem_b_a'], TARGETS['mem_b_a'], True)}"
-                + f" | {fmt(r['mem_c_b'])} | {fmt(r['mem_d_b'])}"
-                + f" | {'yes' if resets == {True} else 'no (baseline = ru_maxrss after setup)'} |"
-            )
-    if cuda_rows:
-        lines += [
-            "",
-            "CUDA: time (CUDA events, s, median) and peak `max_memory_allocated` above the "
-            "allocation before the call (MiB):",
-            "",
-            "| model | method | B | t(a) | t(b) | t(c) | t(d) | b/a | c/b | d/b | mem(a) | mem(b) "
-            "| mem(c) | mem(d) | mem b/a |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        ]
-        for row in cuda_rows:
-            t, r, cm = row["time_s"], row["ratios"], row.get("cuda_mem_mib", {})
-            lines.append(
-                f"| {row['model']} | {row_method(row)} | {row['batch']} | "
-                + " | ".join(fmt(t.get(v), ".4f", "skipped") for v in VARIANTS)
-                + f" | {mark(r['time_b_a'], TARGETS['time_b_a'], True)}"
-                + f" | {mark(r['time_c_b'], TARGETS['time_c_b'], False)} | {fmt(r['time_d_b'])} | "
-                + " | ".join(fmt(cm.get(v), ".0f", "skipped") for v in VARIANTS)
-                + f" | {mark(r.get('cuda_mem_b_a'), TARGETS['mem_b_a'], True)} |"
-            )
-    else:
-        lines += ["", "CUDA: not available on this machine, skipped."]
-    checks = [(r["model"], r["check"]) for r in rows if "check" in r]
-    if checks:
-        lines += ["", "Equivalence check (batch of the first configuration, not timed; the "
-                  "run stops if a peer's raw maps differ by more than the tolerance):", ""]
-        for model_name, check in checks:
-            if "captum_max_rel_diff" in check:  # a row from before the check named its method
-                cap = check["captum_max_rel_diff"]
-                lines.append(f"- {model_name}: method not recorded; captum vs simexplain raw "
-                             f"maps {fmt(cap, '.1e', 'n/a')}, pytorch-grad-cam vs simexplain "
-                             f"upsampled+scaled {check['gradcam_max_abs_diff']:.1e}")
-                continue
-            lines += [f"- {model_name}: {check_text(m, c)}" for m, c in check.items()]
-    skipped = [(r["model"], r["batch"], v, why) for r in rows for v, why in r["skipped"].items()]
-    if skipped:
-        lines += ["", "Skipped:", ""]
-        lines += [f"- {m} B={b} {v}: {why}" for m, b, v, why in skipped]
-    lines += ["", "Per-repetition times (s):", "", "```"]
-    for row in rows:
-        for v, ts in row["times"].items():
-            lines.append(f"{row['model']:>14} {row['device']:>4} B={row['batch']:<3} {v:>10}: "
-                         + " ".join(f"{x:.3f}" for x in ts))
-    lines += ["```", ""]
-    atomic_write_text(path, "\n".join(lines))
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "CPU"
 
 
 def parse_args(argv=None):

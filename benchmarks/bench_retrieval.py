@@ -47,7 +47,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench_explain import _maxrss_kib, _reset_high_water_mark  # noqa: E402
+from _measure import maxrss_kib, reset_high_water_mark  # noqa: E402
 from simexplain import GalleryIndex  # noqa: E402
 from simexplain.apps.index import distributed  # noqa: E402
 from simexplain.apps.retrieval import explain_matches, explainer  # noqa: E402
@@ -73,10 +73,10 @@ def timed(run: Callable[[], Any]) -> float:
 
 def peak_mib(run: Callable[[], Any]) -> float:
     """Peak resident memory (MiB) above the state before ``run()``."""
-    _reset_high_water_mark()
-    before = _maxrss_kib()
+    reset_high_water_mark()
+    before = maxrss_kib()
     run()
-    return (_maxrss_kib() - before) / 1024.0
+    return (maxrss_kib() - before) / 1024.0
 
 
 def images(gallery: int, queries: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -62,11 +62,11 @@ from simexplain.apps.map_store import MapWriter, load_maps, read_manifest  # noq
 from simexplain.apps.stream import explain_stream  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_explain import (  # noqa: E402  (shared measurement helpers)
-    _maxrss_kib,
-    _reset_high_water_mark,
-    _status_kib,
+from _measure import (  # noqa: E402
     atomic_write_text,
+    maxrss_kib,
+    reset_high_water_mark,
+    status_kib,
 )
 
 MIB = 1024.0
@@ -102,12 +102,12 @@ def build_model(name: str) -> nn.Module:
 
 
 def rss_mib() -> Optional[float]:
-    kib = _status_kib("VmRSS")
+    kib = status_kib("VmRSS")
     return None if kib is None else kib / MIB
 
 
 def maxrss_mib() -> float:
-    return _maxrss_kib() / MIB
+    return maxrss_kib() / MIB
 
 
 def reference_rate(
@@ -171,7 +171,7 @@ def main(argv=None) -> int:
     maps_dir = args.maps_dir or Path(tempfile.mkdtemp(prefix="bench_stream_"))
     writer = MapWriter(maps_dir, shard_size=args.shard_size, fields=("maps", "scores"),
                        overwrite=True)
-    peak_reset = _reset_high_water_mark()
+    peak_reset = reset_high_water_mark()
     rss_start, peak_start = rss_mib(), maxrss_mib()
     tenth = max(1, args.tuples // 10)
     samples: list[tuple[int, float, Optional[float]]] = []  # (tuples done, peak, rss)

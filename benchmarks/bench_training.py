@@ -59,25 +59,25 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_explain  # noqa: E402
-from bench_explain import (  # noqa: E402  (shared measurement helpers)
-    ROOT,
-    _maxrss_kib,
-    _reset_high_water_mark,
-    _status_kib,
+from _measure import (  # noqa: E402
     atomic_write_text,
     cpu_name,
+    cuda_peak,
+    maxrss_kib,
+    measure_memory,
     median,
     ratio,
+    reset_high_water_mark,
+    status_kib,
     time_call,
 )
+from bench_explain import ROOT  # noqa: E402
 
 from simexplain.demo import SmallEmbeddingNet  # noqa: E402
 from simexplain.training import SAMLoss, frozen_norm_statistics  # noqa: E402
 
 VARIANTS = ("plain", "double", "sam", "fixed", "crop")
 TARGET = 2.2
-MIB = 1024.0 * 1024.0
 # name: (description, image size, triplets per step, explained layer)
 CONFIGS = {
     "small": ("simexplain.demo.SmallEmbeddingNet (0.14 M parameters)", 48, 32, "features"),
@@ -164,30 +164,20 @@ def memory_worker(spec: dict) -> dict:
     step = Step(spec["model"], spec["size"], spec["batch"], spec["seed"], torch.device("cpu"))
     run = step.runner(spec["variant"])
     gc.collect()
-    reset = _reset_high_water_mark()
-    base = _maxrss_kib()
+    reset = reset_high_water_mark()
+    base = maxrss_kib()
     for _ in range(2):
         run()
-    return {"peak_mib": (_maxrss_kib() - base) / 1024.0, "hwm_reset": reset,
-            "baseline_rss_mib": (_status_kib("VmRSS") or 0) / 1024.0}
+    return {"peak_mib": (maxrss_kib() - base) / 1024.0, "hwm_reset": reset,
+            "baseline_rss_mib": (status_kib("VmRSS") or 0) / 1024.0}
 
 
-def measure_memory(spec: dict, timeout: float = 900.0) -> Optional[float]:
-    result = bench_explain.measure_memory(spec, timeout, script=Path(__file__))
+def peak_rss_mib(spec: dict, timeout: float = 900.0) -> Optional[float]:
+    result = measure_memory(Path(__file__), spec, timeout)
     if "error" in result:
         print(f"  memory {spec['variant']}: {result['error']}", flush=True)
         return None
     return result["peak_mib"]
-
-
-def cuda_peak_mib(run: Callable[[], Any]) -> float:
-    gc.collect()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    run()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / MIB
 
 
 # ------------------------------------------------------------------------------ run
@@ -210,9 +200,9 @@ def measure(name: str, args, device: torch.device) -> dict:
     row["times"] = times
     row["time_s"] = {v: median(times[v]) for v in VARIANTS}
     if device.type == "cuda":
-        row["mem_mib"] = {v: cuda_peak_mib(runners[v]) for v in VARIANTS}
+        row["mem_mib"] = {v: cuda_peak(runners[v], lambda: None) for v in VARIANTS}
     elif args.memory:
-        row["mem_mib"] = {v: measure_memory({"model": name, "size": size, "batch": batch,
+        row["mem_mib"] = {v: peak_rss_mib({"model": name, "size": size, "batch": batch,
                                              "seed": args.seed, "threads": args.threads,
                                              "variant": v}) for v in VARIANTS}
     else:

@@ -55,7 +55,7 @@ except ImportError:  # running from a checkout without installing it
     sys.path.insert(0, str(ROOT))
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_explain import cpu_name  # noqa: E402
+from _measure import cpu_name  # noqa: E402
 
 from simexplain.data import sample_tuples  # noqa: E402
 from simexplain.data import fashion_mnist_split  # noqa: E402
