@@ -65,10 +65,10 @@ from _finetune import (  # noqa: E402
     build_net,
     fashion_protocols,
     file_protocol,
+    matched_steps,
     pml_precision_at_1,
     recall,
     run_key,
-    matched_steps,
     same_run_as,
     train_arm,
     with_current_keys,
@@ -108,7 +108,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--alpha", type=float, default=10.0)
     p.add_argument("--beta", type=float, default=0.5)
     p.add_argument("--mining-gradient", choices=("full", "maps", "embeddings"), default="full",
-                   help="'maps': the masked pass trains only through the maps")
+                   help="'maps': the masked pass trains only through the maps; "
+                        "'embeddings': the masks are held fixed (the cheaper step)")
     p.add_argument("--masked-slots", type=int, nargs="+", default=None,
                    help="mask only these slots of each tuple, e.g. 1 (the positive)")
     p.add_argument("--test-limit", type=int, default=2000, help="test images per protocol")
