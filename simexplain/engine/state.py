@@ -55,12 +55,13 @@ def preserved_state(model: nn.Module, eval_mode: bool = False) -> Iterator[None]
     flags = [p.requires_grad for p in params]
     grads = [p.grad for p in params]
     try:
-        if eval_mode:
+        if eval_mode and any(training for _, training in modes):
             model.eval()
         yield
     finally:
         for module, training in modes:
-            module.training = training
+            if module.training != training:  # nn.Module.__setattr__ is slow: only changes
+                module.training = training
         for p, flag, grad in zip(params, flags, grads):
             if p.requires_grad != flag:
                 p.requires_grad_(flag)
