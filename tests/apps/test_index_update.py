@@ -80,7 +80,10 @@ def test_an_update_embeds_new_and_changed_files_only_and_copies_the_rest_exactly
     assert torch.equal(embeddings, old_embeddings) and torch.equal(crossing, old_crossing)
     fresh = build(gallery, tmp_path / "fresh")
     torch.testing.assert_close(index.embeddings, fresh.embeddings, rtol=0, atol=1e-6)
-    torch.testing.assert_close(index.crossing(torch.arange(6)), fresh.crossing(torch.arange(6)))
+    # crossing values are stored in float16: embedded in batches of another size, a value
+    # next to a rounding boundary may land one float16 step (2 ** -10 relative) away
+    torch.testing.assert_close(index.crossing(torch.arange(6)), fresh.crossing(torch.arange(6)),
+                               rtol=2 ** -10, atol=1e-6)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh", "gallery", "index"]
     loaded = GalleryIndex.load(path, conv_net())
     assert len(loaded) == 6 and torch.equal(loaded.embeddings, index.embeddings)
