@@ -47,3 +47,33 @@ def test_two_ranks_give_the_result_of_one(tmp_path):
     assert len(list((tmp_path / "ranks" / "index" / "shards").iterdir())) == 5
     assert (tmp_path / "ranks" / "index" / "index.json").is_file()
     assert sorted(p.name for p in (tmp_path / "ranks").iterdir() if p.name.startswith(".")) == []
+
+
+LEAVER = """
+import atexit, os, sys
+from pathlib import Path
+import torch.distributed as dist
+from simexplain.apps.index import distributed
+
+out = Path(sys.argv[1])
+# registered first, so it runs after the handler that joining the group registers
+atexit.register(lambda: (out / f"alive{os.environ['RANK']}").write_text(
+    str(dist.is_initialized())))
+rank, world = distributed.rank_and_world()
+merged = distributed.gathered({rank: world})
+(out / f"joined{rank}").write_text(str(sorted(merged.items())))
+"""
+
+
+def test_a_group_the_library_joined_is_destroyed_at_exit(tmp_path):
+    """Exiting with gloo's group alive can abort a rank (pytorch/pytorch#190489)."""
+    torchrun = shutil.which("torchrun") or pytest.skip("torchrun is not installed")
+    script = tmp_path / "leaver.py"
+    script.write_text(LEAVER)
+    done = subprocess.run([torchrun, "--nproc-per-node", "2", "--standalone", str(script),
+                           str(tmp_path)], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in (0, 1):
+        assert (tmp_path / f"joined{rank}").read_text() == "[(0, 2), (1, 2)]"
+        assert (tmp_path / f"alive{rank}").read_text() == "False"

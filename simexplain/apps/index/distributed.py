@@ -3,10 +3,16 @@
 A script run by ``torchrun --nproc-per-node N`` finds ``WORLD_SIZE`` and ``RANK`` in its
 environment; the first call here then joins the process group (gloo on CPU, NCCL when
 CUDA is available) unless the script already did. Alone, a process is rank 0 of 1.
+
+A group joined here is also left here, when the interpreter exits: gloo's worker threads
+still hold work objects at exit otherwise, and a rank can abort while it finalizes
+("terminate called without an active exception", pytorch/pytorch#190489). A group the
+script joined itself is the script's to destroy.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 
 import torch
@@ -26,7 +32,13 @@ def rank_and_world() -> tuple[int, int]:
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend)
+        atexit.register(_leave_group)
     return dist.get_rank(), dist.get_world_size()
+
+
+def _leave_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def is_main() -> bool:
