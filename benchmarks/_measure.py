@@ -156,3 +156,25 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "CPU"
+
+
+def interleaved_times(runs: dict[str, Callable[[], Any]], repeats: int,
+                      device: torch.device = torch.device("cpu"), warm_up: bool = True,
+                      after: Optional[Callable[[], None]] = None) -> dict[str, list[float]]:
+    """Seconds of each of ``runs``, ``repeats`` times, the order rotated every repetition so
+    that drift and background load hit every run alike; one untimed call of each first
+    (``warm_up``), ``after()`` after every call."""
+    names = list(runs)
+    if warm_up:
+        for name in names:
+            time_call(runs[name], device)
+            if after is not None:
+                after()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            times[name].append(time_call(runs[name], device))
+            if after is not None:
+                after()
+    return times

@@ -26,7 +26,7 @@ explained as a same-class pair. Measured, on the scene's map of every pair:
 Wall times are ratios to SBSMStack's in the same run, never limits. Writes
 ``benchmarks/results/bench_blackbox.md`` (and ``.json``) atomically::
 
-    python benchmarks/bench_blackbox.py            # 14 scenes (28 pairs), ~7 min on one core
+    python benchmarks/bench_blackbox.py            # 14 scenes (28 pairs), ~4 min, 2 threads
     python benchmarks/bench_blackbox.py --quick    # smoke run, tiny settings, under a minute
 """
 
@@ -34,14 +34,14 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import itertools
 import math
 import platform
 import shlex
+import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -50,11 +50,14 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _counterfactual import STEPS, agreement, criterion_fn  # noqa: E402
+from _blackbox_baselines import Baseline, Counted, distance_baseline  # noqa: E402
+from _blackbox_baselines import numpy_embedder, xaitk_baseline  # noqa: E402
+from _map_agreement import agreements  # noqa: E402
+from _measure import interleaved_times  # noqa: E402
 from _counterfactual import curve_areas, model_prefers_match  # noqa: E402
 from _pretrained import clutter_photos, normalise  # noqa: E402
 from discriminative import (  # noqa: E402
     Tail,
-    correlation,
     draw,
     hide,
     layer_activations,
@@ -62,7 +65,6 @@ from discriminative import (  # noqa: E402
     score_maps,
     write_results,
 )
-from similar_pairs import upsampled  # noqa: E402
 
 from simexplain import explain  # noqa: E402
 from simexplain.methods import cosine_coefficients  # noqa: E402
@@ -71,136 +73,12 @@ from simexplain.methods.defaults import DEFAULT_METHOD  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 XAITK, DISTANCE = "SBSMStack (xaitk)", "DistanceExplainer"
 OURS = ("sbsm", "rise")
-#: The share of a map's cells that makes its top for the IoU.
-TOP = 0.2
 #: The per-method table's columns: (key, header).
 COLUMNS = (("forwards_per_map", "forwards / map"), ("seconds_per_map", "s / map"),
            ("time_ratio", "time ÷ SBSMStack"), ("deletion_auc", "deletion AUC ↓"),
            ("insertion_auc", "insertion AUC ↑"), ("point_match", "peak on match ↑"),
            ("point_distractor", "peak on distractor ↓"),
            ("match_wins", "match > distractor ↑"), ("agrees", "agrees with model ↑"))
-
-#: A baseline: (scene, partner), normalised ``(H, W, C)`` float32 -> the scene's map (H, W).
-Baseline = Callable[[np.ndarray, np.ndarray], np.ndarray]
-
-
-class Counted(nn.Module):
-    """The backbone, counting the images it embeds: the forwards every method pays."""
-
-    def __init__(self, backbone: nn.Module) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.images = 0
-
-    def forward(self, images: Tensor) -> Tensor:
-        self.images += images.shape[0]
-        return self.backbone(images)
-
-
-def numpy_embedder(model: nn.Module, batch_size: int) -> Callable[[np.ndarray], np.ndarray]:
-    """The baselines' model: images ``(N, H, W, C)`` -> embeddings ``(N, d)``, as numpy,
-    ``batch_size`` images per forward pass."""
-
-    def embed(images: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).permute(0, 3, 1, 2)
-        with torch.no_grad():
-            return torch.cat([model(x[k:k + batch_size])
-                              for k in range(0, x.shape[0], batch_size)]).numpy()
-
-    return embed
-
-
-def xaitk_baseline(embed: Callable[[np.ndarray], np.ndarray], window: int, stride: int
-                   ) -> Union[Baseline, str]:
-    """xaitk-saliency's ``SBSMStack`` with cosine distance (the criterion's), or why not."""
-    try:
-        from smqtk_descriptors.interfaces.image_descriptor_generator import (
-            ImageDescriptorGenerator,
-        )
-        from xaitk_saliency.impls.gen_image_similarity_blackbox_sal.sbsm import SBSMStack
-    except ImportError as error:
-        return f"xaitk-saliency is not installed ({error}); pip install xaitk-saliency"
-
-    class Descriptors(ImageDescriptorGenerator):
-        def generate_arrays_from_images(self, img_mat_iter):
-            return list(embed(np.stack(list(img_mat_iter))))
-
-        def get_config(self) -> dict:
-            return {}
-
-    stack = SBSMStack(window_size=(window, window), stride=(stride, stride),
-                      proximity_metric="cosine", fill=0)
-    blackbox = Descriptors()
-    return lambda scene, partner: stack.generate(scene, [partner], blackbox).reshape(
-        scene.shape[:2])
-
-
-def distance_baseline(embed: Callable[[np.ndarray], np.ndarray], n_masks: int,
-                      batch_size: int, seed: int) -> Union[Baseline, str]:
-    """distance-explainer's ``DistanceExplainer`` (its defaults but the number of masks), or
-    why not."""
-    try:
-        from distance_explainer import DistanceExplainer
-        import xarray  # noqa: F401  (imported on its first call: kept out of the timing)
-    except ImportError as error:
-        return f"distance-explainer is not installed ({error}); pip install distance-explainer"
-    explainer = DistanceExplainer(n_masks=n_masks, batch_size=batch_size,
-                                  axis_labels={2: "channels"})
-
-    def run(scene: np.ndarray, partner: np.ndarray) -> np.ndarray:
-        np.random.seed(seed)  # its masks come from numpy's global generator
-        reference = embed(partner[None])[0]
-        found = explainer.explain_image_distance(embed, scene, reference)
-        return np.asarray(found).reshape(scene.shape[:2])
-
-    return run
-
-
-# --------------------------------------------------------------------------- agreement
-
-
-def on_grid(maps: Tensor, size: int, grid: int) -> Tensor:
-    """Maps ``(B, h, w)`` at the image's size, averaged over ``grid x grid`` cells,
-    ``(B, grid * grid)``: one resolution for every method."""
-    return nn.functional.adaptive_avg_pool2d(upsampled(maps, size), grid).flatten(1)
-
-
-def ranks(x: Tensor) -> Tensor:
-    """Each row's ranks, 1 to n, ties given their mean rank."""
-    below = (x[:, None, :] < x[:, :, None]).sum(-1)
-    level = (x[:, None, :] == x[:, :, None]).sum(-1)
-    return below + (level + 1) / 2
-
-
-def spearman(a: Tensor, b: Tensor) -> Tensor:
-    """Spearman rank correlation of each pair of rows."""
-    return correlation(ranks(a), ranks(b))
-
-
-def top_iou(a: Tensor, b: Tensor, share: float = TOP) -> Tensor:
-    """IoU of the top ``share`` of each pair of rows (ties broken by position)."""
-    count = max(1, round(share * a.shape[1]))
-
-    def top(x: Tensor) -> Tensor:
-        order = torch.sort(x, dim=1, descending=True, stable=True).indices[:, :count]
-        return torch.zeros_like(x, dtype=torch.bool).scatter_(1, order, True)
-
-    first, second = top(a), top(b)
-    return (first & second).sum(1) / (first | second).sum(1)
-
-
-def agreements(maps: dict[str, Tensor], size: int, grid: int) -> dict[str, dict]:
-    """Spearman and top-IoU of every two methods' maps (the scene's, every pair)."""
-    cells = {name: on_grid(m, size, grid) for name, m in maps.items()}
-    out = {}
-    for first, second in itertools.combinations(cells, 2):
-        rho = spearman(cells[first], cells[second])
-        iou = top_iou(cells[first], cells[second])
-        out[f"{first} ~ {second}"] = {"spearman_median": rho.median().item(),
-                                      "spearman_mean": rho.mean().item(),
-                                      "top_iou_mean": iou.mean().item()}
-    return out
-
 
 # --------------------------------------------------------------------------- the run
 
@@ -220,24 +98,46 @@ def method_options(args) -> dict[str, dict]:
             "rise": {"n_masks": args.masks, "seed": args.seed, **common}}
 
 
-def run_methods(model: Counted, pairs: Tensor, baselines: dict[str, Baseline], args
-                ) -> dict[str, tuple[Tensor, float, int, int]]:
-    """Every method's scene maps ``(B, h, w)`` of ``pairs`` ``(B, 2, C, H, W)`` (normalised),
-    with the seconds, forwards and maps it took."""
+def method_calls(model: Counted, pairs: Tensor, baselines: dict[str, Baseline], args
+                 ) -> dict[str, tuple[Callable[[], Tensor], int]]:
+    """Every method as a call that returns the scene maps ``(B, h, w)`` of ``pairs``
+    ``(B, 2, C, H, W)`` (normalised), with the number of maps the call makes."""
     labels = torch.zeros(pairs.shape[:2], dtype=torch.long)
-    out = {}
+    calls = {}
     for name, options in method_options(args).items():
-        exp, seconds, forwards = timed(model, lambda: explain(model, pairs, labels, method=name,
-                                                              **options).raw_maps)
+        def ours(name=name, options=options) -> Tensor:
+            exp = explain(model, pairs, labels, method=name, **options).raw_maps
+            return exp[:, 0].detach().float()
         # our methods explain both images of a pair, so a call makes two maps per pair
-        out[name] = (exp[:, 0].detach().float(), seconds, forwards, 2 * pairs.shape[0])
+        calls[name] = (ours, 2 * pairs.shape[0])
     images = pairs.permute(0, 1, 3, 4, 2).numpy()
     for name, baseline in baselines.items():
-        maps, seconds, forwards = timed(model, lambda: torch.stack([
-            torch.from_numpy(np.asarray(baseline(scene, partner), dtype=np.float32))
-            for scene, partner in images]))
-        out[name] = (maps, seconds, forwards, pairs.shape[0])
+        def theirs(baseline=baseline) -> Tensor:
+            return torch.stack([
+                torch.from_numpy(np.asarray(baseline(scene, partner), dtype=np.float32))
+                for scene, partner in images])
+        calls[name] = (theirs, pairs.shape[0])
+    return calls
+
+
+def run_methods(model: Counted, pairs: Tensor, baselines: dict[str, Baseline], args
+                ) -> dict[str, tuple[Tensor, float, int, int]]:
+    """Every method's scene maps of ``pairs``, with the seconds, forwards and maps it took."""
+    out = {}
+    for name, (call, made) in method_calls(model, pairs, baselines, args).items():
+        maps, seconds, forwards = timed(model, call)
+        out[name] = (maps, seconds, forwards, made)
     return out
+
+
+def seconds_per_map(model: Counted, pairs: Tensor, baselines: dict[str, Baseline], args
+                    ) -> dict[str, list[float]]:
+    """Each method's seconds per map over ``pairs``, ``args.time_repeats`` times interleaved
+    (the methods have run before: no warm-up)."""
+    calls = method_calls(model, pairs, baselines, args)
+    times = interleaved_times({name: call for name, (call, _) in calls.items()},
+                              args.time_repeats, warm_up=False)
+    return {name: [t / calls[name][1] for t in values] for name, values in times.items()}
 
 
 def evaluate(backbone: nn.Module, test: tuple, args, baselines_of: Callable
@@ -277,12 +177,17 @@ def evaluate(backbone: nn.Module, test: tuple, args, baselines_of: Callable
                 spent[k] += value
             maps_of.setdefault(name, []).append(maps)
             print(f"side {side}: {name}: {seconds / made:.2f} s / map", file=sys.stderr)
+    timed_pairs = normalise(torch.stack([scenes.images, drawn["views"][0].images], 1))
+    per_map = seconds_per_map(model, timed_pairs[:args.time_pairs], baselines, args)
     pooled = {name: {k: torch.cat(v) for k, v in values.items()}
               for name, values in per_pair.items()}
     rows = {}
     for name, values in pooled.items():
         seconds, forwards, made = totals[name]
-        rows[name] = {"forwards_per_map": forwards / made, "seconds_per_map": seconds / made,
+        rows[name] = {"forwards_per_map": forwards / made,
+                      "seconds_per_map": statistics.median(per_map[name]),
+                      "seconds_spread": [min(per_map[name]), max(per_map[name])],
+                      "first_pass_seconds_per_map": seconds / made,
                       "maps": made, **{k: v.mean().item() for k, v in values.items()}}
     if XAITK in rows:
         for values in rows.values():
@@ -328,9 +233,12 @@ def targets(rows: dict, pooled: dict) -> list[dict]:
             out.append(target(what, "<= 1.00 x"))
             continue
         ratio = rows[ours]["time_ratio"]
+        spread = {name: "{:.2f}-{:.2f}".format(*rows[name]["seconds_spread"])
+                  for name in (ours, XAITK)}
         out.append(target(what, "<= 1.00 x", f"{ratio:.2f} x "
-                          f"({rows[ours]['seconds_per_map']:.2f} s vs "
-                          f"{rows[XAITK]['seconds_per_map']:.2f} s)", ratio <= 1.0))
+                          f"({rows[ours]['seconds_per_map']:.2f} s, {spread[ours]}, vs "
+                          f"{rows[XAITK]['seconds_per_map']:.2f} s, {spread[XAITK]})",
+                          ratio <= 1.0))
     best = max(OURS, key=lambda name: rows[name]["point_match"])
     floor = rows[DEFAULT_METHOD]["point_match"]
     out.append(target(f"pooled pairs: peak on match, best black-box ({best}) vs "
@@ -361,7 +269,9 @@ def markdown(result: dict, args) -> str:
         f"for `sbsm` and SBSMStack (cosine distance), {args.masks} masks for `rise` "
         "(grid 7) and DistanceExplainer (its defaults: grid 8, closest and farthest 10% "
         "of masks); hidden pixels 0 (the "
-        f"model's mean input); {args.batch_size} images per forward pass. Forwards are "
+        f"model's mean input); {args.batch_size} images per forward pass. Wall time per "
+        f"map: median (min-max) of {args.time_repeats} interleaved runs of every method "
+        f"over the first {args.time_pairs} pairs, after the maps' run. Forwards are "
         "counted at the model (our methods explain both images of a pair, two maps a "
         "call). Deletion and insertion AUC: the pair's cosine, the scene's pixels painted "
         f"with its background in the map's order, mean over {args.auc_steps} fractions. "
@@ -427,11 +337,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="points on each deletion and insertion curve")
     p.add_argument("--no-baselines", dest="baselines", action="store_false",
                    help="skip xaitk-saliency and distance-explainer")
+    p.add_argument("--time-repeats", type=int, default=9,
+                   help="interleaved timing runs of every method (median reported)")
+    p.add_argument("--time-pairs", type=int, default=6, help="pairs each timing run explains")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=RESULTS / "bench_blackbox.md")
     args = p.parse_args(argv)
     if args.quick:
         args.scenes, args.size, args.auc_steps, args.grid = 2, 64, 4, 8
+        args.time_repeats, args.time_pairs = 2, 2
         args.window = args.window or 16
         args.stride = args.stride or 16
     args.window = args.window or args.size // 4

@@ -12,7 +12,7 @@ from simexplain.methods import DEFAULT_METHOD
 
 
 def test_top_iou_and_spearman_of_maps():
-    import bench_blackbox
+    import _map_agreement as bench_blackbox
 
     a = torch.arange(10.0)[None]
     assert bench_blackbox.top_iou(a, a * 3 + 1).item() == 1.0  # the same top 2 cells
@@ -48,6 +48,8 @@ def test_quick_run_writes_every_method_at_the_same_forwards(tmp_path):
     for name, row in methods.items():
         if name != "occlusion (model)":
             assert 0 <= row["point_match"] <= 1 and row["seconds_per_map"] > 0, name
+            low, high = row["seconds_spread"]  # the median of the interleaved timing runs
+            assert low <= row["seconds_per_map"] <= high, name
             assert -1 <= row["deletion_auc"] <= 1 and -1 <= row["insertion_auc"] <= 1, name
     assert len(result["targets"]) == 7
     assert all(t["met"] in (True, False, None) for t in result["targets"])

@@ -22,7 +22,8 @@ from ...engine.embeddings import finite_embeddings, run_model
 from ...engine.maps import full_precision
 from ...engine.outputs import OutputSpec
 from ...engine.state import frozen_norm_statistics, preserved_state
-from ...errors import InputError
+from ...errors import InputError, ModelForwardError
+from .layout import fall_back_to_nchw, in_model_layout
 from .masks import MaskSet
 
 __all__ = [
@@ -92,10 +93,18 @@ def model_session(model: Any, eval_mode: bool = True) -> Iterator[None]:
 
 def embedder(model: Any, output: OutputSpec = None) -> Callable[[Tensor], Tensor]:
     """``embed(images) -> (N, d)``: the model's embeddings, checked finite, in float32 or
-    wider."""
+    wider; a module on a CPU gets the images in the layout it runs fastest
+    (:mod:`~simexplain.methods.blackbox.layout`)."""
 
     def embed(images: Tensor) -> Tensor:
-        raw = run_model(model, images, (), output)
+        laid_out = in_model_layout(model, images)
+        try:
+            raw = run_model(model, laid_out, (), output)
+        except ModelForwardError:
+            if laid_out is images:
+                raise
+            raw = run_model(model, images, (), output)  # raises what NCHW raises
+            fall_back_to_nchw(model)
         return full_precision(finite_embeddings(raw, images.shape[0]))
 
     return embed
