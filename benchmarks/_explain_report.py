@@ -86,7 +86,10 @@ def write_markdown(path: Path, rows: list[dict], args, meta: dict) -> None:
         f"- load average at the start of each row in the `load` column "
         f"({os.cpu_count()} CPUs visible). **{meta['note']}**",
         f"- random weights, {args.size} px, triplets per call = B (3B images); medians of "
-        "interleaved repetitions after one warm-up call per variant (warm-up not timed). "
+        "interleaved repetitions after one warm-up call per variant (warm-up not timed)"
+        + (", each variant in a worker process of its own, one running at a time (on a CPU)"
+           if args.processes else ", every variant in one process")
+        + ". "
         f"Before it, simexplain explains the inputs until {SPLIT_AFTER_IMAGES} images are "
         "done, so that a class-token ViT has been split at its layer (one-time work, the "
         "`settle` seconds in the JSON rows; memory workers settle before their baseline).",

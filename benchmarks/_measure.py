@@ -158,23 +158,32 @@ def cpu_name() -> str:
     return platform.processor() or "CPU"
 
 
-def interleaved_times(runs: dict[str, Callable[[], Any]], repeats: int,
-                      device: torch.device = torch.device("cpu"), warm_up: bool = True,
-                      after: Optional[Callable[[], None]] = None) -> dict[str, list[float]]:
-    """Seconds of each of ``runs``, ``repeats`` times, the order rotated every repetition so
-    that drift and background load hit every run alike; one untimed call of each first
-    (``warm_up``), ``after()`` after every call."""
-    names = list(runs)
+def interleaved(names: list[str], repeats: int, time_one: Callable[[str], float],
+                warm_up: bool = True) -> dict[str, list[float]]:
+    """``time_one(name)`` for each of ``names``, ``repeats`` times, the order rotated every
+    repetition so that drift and background load hit every name alike; one untimed call of
+    each first (``warm_up``)."""
     if warm_up:
         for name in names:
-            time_call(runs[name], device)
-            if after is not None:
-                after()
+            time_one(name)
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
-            times[name].append(time_call(runs[name], device))
-            if after is not None:
-                after()
+            times[name].append(time_one(name))
     return times
+
+
+def interleaved_times(runs: dict[str, Callable[[], Any]], repeats: int,
+                      device: torch.device = torch.device("cpu"), warm_up: bool = True,
+                      after: Optional[Callable[[], None]] = None) -> dict[str, list[float]]:
+    """:func:`interleaved` seconds of each of ``runs`` in this process, ``after()`` after
+    every call."""
+
+    def time_one(name: str) -> float:
+        seconds = time_call(runs[name], device)
+        if after is not None:
+            after()
+        return seconds
+
+    return interleaved(list(runs), repeats, time_one, warm_up)

@@ -35,12 +35,18 @@ range).
 
 How it is measured:
 
-* Time (CPU): wall clock (``time.perf_counter``) of one call, in one process per run. Every
-  variant is called once as a warm-up, then ``repeats`` repetitions each call every variant
-  once, in an order rotated per repetition (interleaved, so drift and background load hit
-  all variants alike); the table gives medians. pytorch-grad-cam is used as documented, in
-  a ``with GradCAM(...) as cam:`` block per call (its hooks would otherwise stay on the layer
-  and keep the last graph alive); the parameter ``.grad`` tensors it fills are dropped
+* Time (CPU): wall clock (``time.perf_counter``) of one call. Each variant runs in a
+  worker process of its own (``_variant_workers``: spawned per configuration, the model
+  and inputs built from the same seed), so that no variant's allocations shape another's
+  heap: timed in one process, captum's call on ConvNeXt-T (one triplet) took 0.258 s
+  without pytorch-grad-cam in the process and 0.199 s after pytorch-grad-cam had run.
+  Every variant is called once as a warm-up, then ``repeats`` repetitions each call every
+  variant once, one worker at a time, in an order rotated per repetition (interleaved,
+  so drift and background load hit all variants alike); the table gives medians.
+  ``--one-process`` times them all in this process instead (as on CUDA). pytorch-grad-cam
+  is used as documented, in a ``with GradCAM(...) as cam:`` block per call (its hooks
+  would otherwise stay on the layer and keep the last graph alive); the parameter
+  ``.grad`` tensors it fills are dropped
   after each call, outside the timed region.
 * Memory (CPU): peak RSS above the process baseline, in a fresh subprocess per variant and
   configuration. The subprocess builds the model and inputs and resolves the layer, then
@@ -118,6 +124,7 @@ from _measure import (  # noqa: E402
     atomic_write_text,
     cpu_name,
     cuda_peak,
+    interleaved_times,
     maxrss_kib,
     measure_memory,
     median,
@@ -125,8 +132,8 @@ from _measure import (  # noqa: E402
     ratio,
     reset_high_water_mark,
     status_kib,
-    time_call,
 )
+from _variant_workers import VariantWorkers  # noqa: E402
 
 MODELS = {
     "resnet50": "torchvision resnet50, fc=Identity (2048-d)",
@@ -418,6 +425,15 @@ def memory_worker(spec: dict) -> dict:
     }
 
 
+def variant_worker(spec: dict) -> tuple[Callable[[], Any], Callable[[], None], float]:
+    """A timing worker's call of ``spec['variant']`` (``_variant_workers``): the model and
+    inputs built as in the coordinator, simexplain settled; the seconds that took."""
+    setup = Setup(build_model(spec["model"], spec["seed"]), spec["batch"], spec["size"],
+                  spec["seed"], torch.device("cpu"), method=spec["method"])
+    settled = setup.settle() if spec["variant"] == "simexplain" else 0.0
+    return setup.runner(spec["variant"]), setup.cleanup, settled
+
+
 # ----------------------------------------------------------------------------------- run
 
 
@@ -475,20 +491,24 @@ def run_config(model_name: str, model: nn.Module, batch: int, args, device, firs
     row["mem_info"] = mem_info
 
     variants = [v for v in VARIANTS if v not in skipped]
-    runners = {v: setup.runner(v) for v in variants}
-    if device.type == "cuda":
-        row["cuda_mem_mib"] = {v: cuda_peak(runners[v], setup.cleanup) for v in variants}
     repeats = args.repeats or default_repeats(batch)
-    times: dict[str, list[float]] = {v: [] for v in variants}
-    row["settle_s"] = setup.settle()
-    for v in variants:  # warm-up, not recorded
-        time_call(runners[v], device)
-        setup.cleanup()
-    for r in range(repeats):
-        order = variants[r % len(variants):] + variants[: r % len(variants)]
-        for v in order:
-            times[v].append(time_call(runners[v], device))
-            setup.cleanup()
+    row["processes"] = device.type == "cpu" and args.processes
+    if row["processes"]:
+        del setup
+        gc.collect()
+        specs = {v: {"model": model_name, "batch": batch, "size": args.size, "seed": args.seed,
+                     "variant": v, "threads": args.threads, "method": row["method"]}
+                 for v in variants}
+        with VariantWorkers(variant_worker, specs) as workers:
+            row["settle_s"] = workers.prepared.get("simexplain")
+            times = workers.times(repeats)
+    else:
+        runners = {v: setup.runner(v) for v in variants}
+        if device.type == "cuda":
+            row["cuda_mem_mib"] = {v: cuda_peak(runners[v], setup.cleanup) for v in variants}
+        row["settle_s"] = setup.settle()
+        times = interleaved_times(runners, repeats, device, after=setup.cleanup)
+        del setup, runners
     row["times"] = times
     row["time_s"] = {v: median(times[v]) for v in variants}
     row["repeats"] = repeats
@@ -505,7 +525,6 @@ def run_config(model_name: str, model: nn.Module, batch: int, args, device, firs
     if device.type == "cuda":
         cm = row["cuda_mem_mib"]
         row["ratios"]["cuda_mem_b_a"] = ratio(cm.get("simexplain"), cm.get("forward"))
-    del setup, runners
     gc.collect()
     return row
 
@@ -522,6 +541,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mem-calls", type=int, default=2, help="calls per memory subprocess")
     p.add_argument("--no-memory", dest="memory", action="store_false")
+    p.add_argument("--one-process", dest="processes", action="store_false",
+                   help="time every variant in this process (default on a CPU: each variant "
+                        "in a worker process of its own, driven in turn)")
     p.add_argument("--no-check", dest="check", action="store_false")
     p.add_argument("--no-cuda", dest="cuda", action="store_false")
     p.add_argument("--no-cpu", dest="cpu", action="store_false",

@@ -3,6 +3,7 @@ small size: they run end to end, measure memory in fresh processes and write the
 The figures themselves are not checked: timings on shared machines are noise."""
 
 import importlib
+import json
 import os
 import re
 import sys
@@ -133,7 +134,10 @@ def test_bench_explain_quick_writes_all_four_variants(benchmarks, tmp_path):
     assert "Equivalence check" in text
     for method in bench.CHECKED_METHODS:
         assert f"- resnet50: `{method}` (peers compute `{method}`'s score)" in text
-    assert out.with_suffix(".json").exists()
+    (raw,) = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert raw["processes"]  # each variant timed in a worker process of its own
+    assert sorted(raw["times"]) == sorted(bench.VARIANTS) and raw["settle_s"] > 0
+    assert all(len(times) == 1 and times[0] > 0 for times in raw["times"].values())
 
 
 @pytest.mark.slow
