@@ -89,6 +89,9 @@ def write_markdown(path: Path, rows: list[dict], args, meta: dict) -> None:
         "interleaved repetitions after one warm-up call per variant (warm-up not timed)"
         + (", each variant in a worker process of its own, one running at a time (on a CPU)"
            if args.processes else ", every variant in one process")
+        + (", glibc keeping freed memory (`mallopt`: no mmap, no trimming), so that no call "
+           "pays page faults that another variant's allocations would have saved it"
+           if args.allocator == "retain" else ", glibc's default allocator settings")
         + ". "
         f"Before it, simexplain explains the inputs until {SPLIT_AFTER_IMAGES} images are "
         "done, so that a class-token ViT has been split at its layer (one-time work, the "

@@ -35,17 +35,21 @@ range).
 
 How it is measured:
 
-* Time (CPU): wall clock (``time.perf_counter``) of one call. Each variant runs in a
-  worker process of its own (``_variant_workers``: spawned per configuration, the model
-  and inputs built from the same seed), so that no variant's allocations shape another's
-  heap: timed in one process, captum's call on ConvNeXt-T (one triplet) took 0.258 s
-  without pytorch-grad-cam in the process and 0.199 s after pytorch-grad-cam had run.
-  Every variant is called once as a warm-up, then ``repeats`` repetitions each call every
-  variant once, one worker at a time, in an order rotated per repetition (interleaved,
-  so drift and background load hit all variants alike); the table gives medians.
-  ``--one-process`` times them all in this process instead (as on CUDA). pytorch-grad-cam
-  is used as documented, in a ``with GradCAM(...) as cam:`` block per call (its hooks
-  would otherwise stay on the layer and keep the last graph alive); the parameter
+* Time (CPU): wall clock (``time.perf_counter``) of one call, every variant in this
+  process. glibc is told to keep what the process frees (``--allocator retain``, the
+  default: no ``mmap`` for large blocks, no trimming, ``_measure.retain_freed_memory``),
+  so every call runs on memory the process already holds. With glibc's defaults a call
+  pays page faults for its large tensors, and how many depends on what ran before: a
+  ResNet-50 forward over 24 images took 2.6 s in a process of its own (1.9 s of it system
+  time) and 1.4 s with retained memory; captum's call on ConvNeXt-T (one triplet) 0.258 s
+  in a process without pytorch-grad-cam and 0.199 s after pytorch-grad-cam had grown the
+  heap. Every variant is called once as a warm-up, then ``repeats`` repetitions each call
+  every variant once, in an order rotated per repetition (interleaved, so drift and
+  background load hit all variants alike); the table gives medians. ``--processes`` times
+  each variant in a worker process of its own instead (``_variant_workers``), driven one
+  at a time in the same order. pytorch-grad-cam is used as documented, in a ``with
+  GradCAM(...) as cam:`` block per call (its hooks would otherwise stay on the layer and
+  keep the last graph alive); the parameter
   ``.grad`` tensors it fills are dropped
   after each call, outside the timed region.
 * Memory (CPU): peak RSS above the process baseline, in a fresh subprocess per variant and
@@ -131,6 +135,7 @@ from _measure import (  # noqa: E402
     mem_available_mib,
     ratio,
     reset_high_water_mark,
+    retain_freed_memory,
     status_kib,
 )
 from _variant_workers import VariantWorkers  # noqa: E402
@@ -428,6 +433,8 @@ def memory_worker(spec: dict) -> dict:
 def variant_worker(spec: dict) -> tuple[Callable[[], Any], Callable[[], None], float]:
     """A timing worker's call of ``spec['variant']`` (``_variant_workers``): the model and
     inputs built as in the coordinator, simexplain settled; the seconds that took."""
+    if spec["allocator"] == "retain":
+        retain_freed_memory()
     setup = Setup(build_model(spec["model"], spec["seed"]), spec["batch"], spec["size"],
                   spec["seed"], torch.device("cpu"), method=spec["method"])
     settled = setup.settle() if spec["variant"] == "simexplain" else 0.0
@@ -493,12 +500,13 @@ def run_config(model_name: str, model: nn.Module, batch: int, args, device, firs
     variants = [v for v in VARIANTS if v not in skipped]
     repeats = args.repeats or default_repeats(batch)
     row["processes"] = device.type == "cpu" and args.processes
+    row["allocator"] = args.allocator
     if row["processes"]:
         del setup
         gc.collect()
         specs = {v: {"model": model_name, "batch": batch, "size": args.size, "seed": args.seed,
-                     "variant": v, "threads": args.threads, "method": row["method"]}
-                 for v in variants}
+                     "variant": v, "threads": args.threads, "method": row["method"],
+                     "allocator": args.allocator} for v in variants}
         with VariantWorkers(variant_worker, specs) as workers:
             row["settle_s"] = workers.prepared.get("simexplain")
             times = workers.times(repeats)
@@ -541,9 +549,14 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mem-calls", type=int, default=2, help="calls per memory subprocess")
     p.add_argument("--no-memory", dest="memory", action="store_false")
-    p.add_argument("--one-process", dest="processes", action="store_false",
-                   help="time every variant in this process (default on a CPU: each variant "
-                        "in a worker process of its own, driven in turn)")
+    p.add_argument("--allocator", choices=("retain", "system"), default="retain",
+                   help="retain (default): glibc keeps freed memory for the next calls "
+                        "(no mmap, no trimming), so no variant pays page faults that another "
+                        "one's allocations would have saved it; system: glibc's defaults")
+    p.add_argument("--processes", action="store_true",
+                   help="on a CPU, time each variant in a worker process of its own, driven "
+                        "in turn (default: all in this process; with --allocator retain "
+                        "each worker keeps its peak memory, too much for 32 triplets)")
     p.add_argument("--no-check", dest="check", action="store_false")
     p.add_argument("--no-cuda", dest="cuda", action="store_false")
     p.add_argument("--no-cpu", dest="cpu", action="store_false",
@@ -581,6 +594,10 @@ def main(argv=None) -> int:
         return 0
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
+    if args.allocator == "retain" and not retain_freed_memory():
+        print("note: mallopt is not available; timing with the allocator's defaults",
+              file=sys.stderr)
+        args.allocator = "system"
     devices = []
     if args.cpu:
         devices.append(torch.device("cpu"))
