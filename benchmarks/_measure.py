@@ -75,13 +75,19 @@ def maxrss_kib() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-def reset_high_water_mark() -> bool:
-    """Reset the RSS high-water mark (Linux >= 4.0); True when ru_maxrss followed."""
+def release_freed_memory() -> None:
+    """Give the memory this process has freed back to the kernel (glibc's ``malloc_trim``),
+    also under :func:`retain_freed_memory`."""
+    gc.collect()
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.malloc_trim(0)
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def reset_high_water_mark() -> bool:
+    """Reset the RSS high-water mark (Linux >= 4.0); True when ru_maxrss followed."""
+    release_freed_memory()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
