@@ -15,7 +15,6 @@ from similar_pairs import upsampled
 TOP = 0.2
 
 
-
 def on_grid(maps: Tensor, size: int, grid: int) -> Tensor:
     """Maps ``(B, h, w)`` at the image's size, averaged over ``grid x grid`` cells,
     ``(B, grid * grid)``: one resolution for every method."""

@@ -7,7 +7,10 @@ allocator changes what the next one's allocations cost. ``bench_explain.py`` mea
 started for it (``spawn``, so nothing is inherited but the arguments), and the coordinator
 asks one worker at a time for one timed call while the others wait on their pipes: the
 variants still take turns on the same cores, in the rotated order of
-:func:`_measure.interleaved`, and none of them shapes another's heap.
+:func:`_measure.interleaved`, and none of them shapes another's heap. Each then pays the
+page faults of its own allocations, which with glibc's defaults are a large part of a
+call (see ``_measure.retain_freed_memory``): this measures what a process running one
+variant alone sees, not the variants' work.
 """
 
 from __future__ import annotations
@@ -34,9 +37,8 @@ def _serve(conn: Connection, make: Maker, spec: dict) -> None:
         conn.send(("error", f"{type(error).__name__}: {error}"))
         return
     conn.send(("ready", prepared))
-    device = torch.device(spec.get("device", "cpu"))
     while conn.recv() == "time":
-        seconds = time_call(run, device)
+        seconds = time_call(run, torch.device("cpu"))
         after()
         conn.send(seconds)
 

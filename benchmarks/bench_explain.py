@@ -49,9 +49,8 @@ How it is measured:
   each variant in a worker process of its own instead (``_variant_workers``), driven one
   at a time in the same order. pytorch-grad-cam is used as documented, in a ``with
   GradCAM(...) as cam:`` block per call (its hooks would otherwise stay on the layer and
-  keep the last graph alive); the parameter
-  ``.grad`` tensors it fills are dropped
-  after each call, outside the timed region.
+  keep the last graph alive); the parameter ``.grad`` tensors it fills are dropped after
+  each call, outside the timed region.
 * Memory (CPU): peak RSS above the process baseline, in a fresh subprocess per variant and
   configuration. The subprocess builds the model and inputs and resolves the layer, then
   resets the kernel's RSS high-water mark (``/proc/self/clear_refs``), reads the baseline

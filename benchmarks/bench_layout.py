@@ -9,7 +9,7 @@ architecture, the forward over one batch of perturbed images as ``sbsm``/``rise`
 channels-last's time as a ratio to NCHW's (below 1: channels-last is faster). The ratios
 are what :mod:`simexplain.methods.blackbox.layout` relies on.
 
-    python benchmarks/bench_layout.py                  # all models, ~4 min on 2 threads
+    python benchmarks/bench_layout.py                  # all models, about 1.5 min on 2 threads
     python benchmarks/bench_layout.py --models lite0 resnet50 --repeats 5
 
 Writes ``benchmarks/results/bench_layout.md`` (and ``.json``) unless ``--no-write``.
