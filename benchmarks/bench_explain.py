@@ -43,7 +43,10 @@ How it is measured:
   ResNet-50 forward over 24 images took 2.6 s in a process of its own (1.9 s of it system
   time) and 1.4 s with retained memory; captum's call on ConvNeXt-T (one triplet) 0.258 s
   in a process without pytorch-grad-cam and 0.199 s after pytorch-grad-cam had grown the
-  heap. Every variant is called once as a warm-up, then ``repeats`` repetitions each call
+  heap. simexplain runs its default passes, which the library sizes on a CPU by whether
+  the process keeps freed memory (``simexplain.engine.chunking``): 24 images of 224 px a
+  pass here, six under glibc's defaults (the ``chunk`` column, in triplets). Every
+  variant is called once as a warm-up, then ``repeats`` repetitions each call
   every variant once, in an order rotated per repetition (interleaved, so drift and
   background load hit all variants alike); the table gives medians. ``--processes`` times
   each variant in a worker process of its own instead (``_variant_workers``), driven one
@@ -58,10 +61,11 @@ How it is measured:
   2). The warm-up call is INCLUDED: the figure is the peak over the first call and the
   following ones, from the state right after setup. glibc is told to serve every allocation
   over 128 KiB with mmap (``MALLOC_MMAP_THRESHOLD_``), so freed tensors go back to the OS and
-  RSS follows live memory. The worker is forked by a small ``/bin/sh`` rather than exec'd
-  from the benchmark process, because Linux carries a process's largest RSS across exec
-  into ``ru_maxrss``. Where the high-water mark cannot be reset, the baseline is the
-  ``ru_maxrss`` after setup (the table says so).
+  RSS follows live memory. simexplain is given the timing process's passes
+  (``chunk_size``), so its memory is that of the call timed. The worker is forked by a
+  small ``/bin/sh`` rather than exec'd from the benchmark process, because Linux carries
+  a process's largest RSS across exec into ``ru_maxrss``. Where the high-water mark
+  cannot be reset, the baseline is the ``ru_maxrss`` after setup (the table says so).
 * CUDA (only when available; skipped otherwise): CUDA events around each call, and
   ``torch.cuda.max_memory_allocated()`` above ``memory_allocated()`` before the call, in the
   timing process (the caching allocator's statistics are exact per process).
@@ -112,7 +116,9 @@ except ImportError:  # running from a checkout without installing it
     sys.path.insert(0, str(ROOT))
 
 from simexplain import EmbeddingAttribution  # noqa: E402
-from simexplain.engine import FeatureLayer, SimilarityScore, to_spatial  # noqa: E402
+from simexplain.engine import (  # noqa: E402
+    FeatureLayer, SimilarityScore, default_chunk_size, to_spatial,
+)
 from simexplain.engine._head_only import SPLIT_AFTER_IMAGES  # noqa: E402
 from simexplain.methods import DEFAULT_METHOD  # noqa: E402
 
@@ -459,6 +465,9 @@ def run_config(model_name: str, model: nn.Module, batch: int, args, device, firs
     setup = Setup(model, batch, args.size, args.seed, device)
     row["layer"] = setup.layer.name
     row["method"] = setup.method
+    # simexplain's default passes in this process (its allocator decides them on a CPU);
+    # the memory workers run the same ones, whatever their own allocator settings
+    row["chunk_size"] = default_chunk_size(setup.slots, batch)
     if first and args.check:
         row["check"] = {}
         for method in CHECKED_METHODS:  # raises EquivalenceError on a disagreement
@@ -480,7 +489,7 @@ def run_config(model_name: str, model: nn.Module, batch: int, args, device, firs
                     continue
             spec = {"model": model_name, "batch": batch, "size": args.size, "seed": args.seed,
                     "variant": v, "threads": args.threads, "calls": args.mem_calls,
-                    "method": setup.method}
+                    "method": setup.method, "chunk_size": row["chunk_size"]}
             res = measure_memory(Path(__file__), spec, timeout=args.worker_timeout)
             mem_info[v] = res
             if "error" in res:

@@ -168,9 +168,9 @@ class EmbeddingAttribution(LayerAttribution, GradientAttribution):
             relu_attributions: apply ReLU to the maps (GradCAM's choice).
             create_graph: build a graph through the maps so they can be trained with.
             chunk_size: tuples per forward pass; it bounds memory. Default: up to 32 on
-                an accelerator; on a CPU, as many as hold about six 224 px images (whole
-                large batches run slower there), see
-                :func:`~simexplain.engine.default_chunk_size`.
+                an accelerator; on a CPU, as many as hold about six 224 px images, or 24
+                where the process keeps the memory it frees (larger passes pay page
+                faults otherwise), see :func:`~simexplain.engine.default_chunk_size`.
             **score_options: the method's, e.g. for ``"sam"`` ``weight_fn`` (another
                 criterion, see :mod:`simexplain.methods.criteria`) and ``detach_weights``
                 (``False`` also differentiates through ``w``); for the cosine

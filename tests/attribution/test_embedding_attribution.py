@@ -12,7 +12,7 @@ from torch import nn
 
 from networks import resnet18
 from simexplain import EmbeddingAttribution
-from simexplain.engine import default_chunk_size
+from simexplain.engine import chunking, default_chunk_size
 from simexplain.methods.criteria import triplet_weights
 
 KINDS = {
@@ -280,22 +280,30 @@ def _slots(batch: int, size: int, count: int = 3, device: str = "cpu") -> list:
 
 
 @pytest.mark.parametrize(
-    "batch, size, count, device, expected",
+    "batch, size, count, device, retained, expected",
     [
-        (8, 224, 3, "cpu", 2),  # two 224 px triplets per pass: six images
-        (5, 224, 3, "cpu", 2),  # 2 + 2 + 1
-        (1, 1024, 2, "cpu", 1),  # at least one tuple
-        (32, 64, 3, "cpu", 16),  # at most 24 of 64 px, spread: 16 + 16, not 24 + 8
-        (100, 32, 2, "cpu", 25),  # capped at 32, spread over 4 passes
-        (8, 224, 3, "meta", 8),  # off the CPU: up to 32 per pass
-        (100, 224, 4, "meta", 25),
+        (8, 224, 3, "cpu", False, 2),  # two 224 px triplets per pass: six images
+        (5, 224, 3, "cpu", False, 2),  # 2 + 2 + 1
+        (1, 1024, 2, "cpu", False, 1),  # at least one tuple
+        (32, 64, 3, "cpu", False, 16),  # at most 24 of 64 px, spread: 16 + 16, not 24 + 8
+        (100, 32, 2, "cpu", False, 25),  # capped at 32, spread over 4 passes
+        (8, 224, 3, "cpu", True, 8),  # memory kept: 24 images of 224 px in one pass
+        (32, 224, 3, "cpu", True, 8),  # four passes of eight triplets
+        (9, 224, 3, "cpu", True, 5),  # 5 + 4, not 8 + 1
+        (3, 1024, 2, "cpu", True, 1),
+        (100, 32, 2, "cpu", True, 25),  # the same cap
+        (8, 224, 3, "meta", False, 8),  # off the CPU: up to 32 per pass
+        (100, 224, 4, "meta", True, 25),
     ],
 )
-def test_default_chunk_size(batch, size, count, device, expected):
-    assert default_chunk_size(_slots(batch, size, count, device), batch) == expected
+def test_default_chunk_size(batch, size, count, device, retained, expected):
+    slots = _slots(batch, size, count, device)
+    assert default_chunk_size(slots, batch, retained=retained) == expected
 
 
-def test_default_chunks_are_the_forward_passes():
+@pytest.mark.parametrize("retained, sizes", [(False, [6, 6, 3]), (True, [15])])
+def test_default_chunks_are_the_forward_passes(monkeypatch, retained, sizes):
+    monkeypatch.setattr(chunking, "freed_memory_is_retained", lambda: retained)
     model = nn.Sequential(
         nn.Conv2d(3, 4, 8, stride=8), nn.ReLU(), nn.Conv2d(4, 4, 2, stride=2), nn.ReLU(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(),
@@ -303,13 +311,13 @@ def test_default_chunks_are_the_forward_passes():
     attribution = EmbeddingAttribution(model, "2", method="sam")
     slots = tuple(torch.rand(5, 3, 224, 224) for _ in range(3))
     attribution.attribute(slots[:1] * 3)  # finds the layer (a probe pass) before counting
-    sizes = []
-    handle = model.register_forward_hook(lambda m, i, o: sizes.append(i[0].shape[0]))
+    seen = []
+    handle = model.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
     try:
         maps = attribution.attribute(slots)
     finally:
         handle.remove()
-    assert sizes == [6, 6, 3]  # chunks of 2, 2 and 1 triplets
+    assert seen == sizes  # chunks of 2, 2 and 1 triplets, or all five at once
     whole = attribution.attribute(slots, chunk_size=5)
     for a, b in zip(maps, whole):
         assert_maps_close(a, b)

@@ -22,7 +22,7 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 def benchmarks(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     yield
-    for name in ("bench_explain", "bench_chunking"):
+    for name in ("bench_explain", "bench_chunking", "bench_allocator"):
         sys.modules.pop(name, None)
 
 
@@ -151,6 +151,24 @@ def test_bench_explain_times_each_variant_in_its_own_process(benchmarks, tmp_pat
     assert raw["settle_s"] > 0  # the simexplain worker settled before its timed calls
     assert all(len(times) == 2 and min(times) > 0 for times in raw["times"].values())
     assert "each variant in a worker process of its own" in out.read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's allocator settings")
+def test_bench_allocator_finds_each_setting_and_times_the_default(benchmarks, tmp_path):
+    bench = importlib.import_module("bench_allocator")
+    out = tmp_path / "allocator.md"
+    defaults, kept, tcmalloc = list(bench.SETTINGS)[:2] + ["tcmalloc (LD_PRELOAD)"]
+    argv = ["--models", "resnet50", "--settings", defaults, kept, tcmalloc, "--batch", "1",
+            "--size", "64", "--repeats", "1", "--out", str(out)]
+    assert bench.main(argv) == 0
+    rows = {r[1]: r for r in table_rows(out.read_text(), "resnet50")}
+    assert rows[defaults][2:5:2] == ["False", "1"] and rows[kept][2:5:2] == ["True", "1"]
+    assert re.fullmatch(r"\d+\.\d\d (ok|MISS)", rows[kept][-1])
+    raw = json.loads(out.with_suffix(".json").read_text())
+    assert [r["result"]["retained"] for r in raw[:2]] == [False, True]
+    if not bench.SETTINGS[tcmalloc][2].exists():
+        assert rows[tcmalloc][2].startswith("skipped")
 
 
 @pytest.mark.slow

@@ -62,7 +62,7 @@ class BlackBoxMethod(SimilarityMethod):
         fill: the value hidden pixels take, one number or one per channel (default 0: the
             dataset's mean colour for images normalised with its mean and std).
         batch_size: perturbed images per forward pass (default: 64; on a CPU as many as
-            hold about six 224 px images).
+            hold about six 224 px images, or 24 where the process keeps freed memory).
         progress: show a progress bar on stderr; ``None``: when stderr is a terminal.
         output: how to pick the embedding from a model that returns more (a key, an index
             or a callable), as for :class:`~simexplain.engine.SimilarityEngine`.
