@@ -11,7 +11,8 @@ from ..errors import InputError
 from ._allocator import freed_memory_is_retained
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "CPU_PIXELS_PER_PASS", "CPU_PIXELS_PER_PASS_RETAINED",
-           "cpu_pixels_per_pass", "default_chunk_size", "chunk_size_for"]
+           "cpu_pixels_per_pass", "cpu_items_per_pass", "default_chunk_size",
+           "chunk_size_for"]
 
 #: The most tuples per forward pass when ``chunk_size`` is not given.
 DEFAULT_CHUNK_SIZE = 32
@@ -39,6 +40,18 @@ def cpu_pixels_per_pass(retained: Optional[bool] = None) -> int:
     return CPU_PIXELS_PER_PASS_RETAINED if retained else CPU_PIXELS_PER_PASS
 
 
+def cpu_items_per_pass(pixels: int, cap: int, count: Optional[int] = None,
+                       retained: Optional[bool] = None) -> int:
+    """How many inputs of ``pixels`` pixels each go through one CPU pass, at most ``cap``:
+    as many as :func:`cpu_pixels_per_pass` holds. The process is probed only when
+    ``count`` inputs (default ``cap``) would not fit in one pass of six 224 px images."""
+    pixels = max(1, pixels)
+    small = max(1, min(cap, CPU_PIXELS_PER_PASS // pixels))
+    if (cap if count is None else count) <= small:
+        return small
+    return max(1, min(cap, cpu_pixels_per_pass(retained) // pixels))
+
+
 def default_chunk_size(slots: Sequence[Tensor], batch: int,
                        retained: Optional[bool] = None) -> int:
     """Tuples per forward pass when ``chunk_size`` is not given.
@@ -52,10 +65,8 @@ def default_chunk_size(slots: Sequence[Tensor], batch: int,
     limit = DEFAULT_CHUNK_SIZE
     first = slots[0]
     if first.device.type == "cpu":
-        pixels = max(1, len(slots) * first.shape[-2] * first.shape[-1])
-        limit = max(1, min(limit, CPU_PIXELS_PER_PASS // pixels))
-        if batch > limit:
-            limit = max(1, min(DEFAULT_CHUNK_SIZE, cpu_pixels_per_pass(retained) // pixels))
+        pixels = len(slots) * first.shape[-2] * first.shape[-1]
+        limit = cpu_items_per_pass(pixels, DEFAULT_CHUNK_SIZE, batch, retained)
     passes = -(-batch // limit)
     return -(-batch // passes)
 

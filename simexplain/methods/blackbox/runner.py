@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..._progress import progress_bar
-from ...engine.chunking import CPU_PIXELS_PER_PASS, cpu_pixels_per_pass
+from ...engine.chunking import cpu_items_per_pass
 from ...engine.embeddings import finite_embeddings, run_model
 from ...engine.maps import full_precision
 from ...engine.outputs import OutputSpec
@@ -60,13 +60,10 @@ def check_embedder(model: Any) -> None:
 def default_batch_size(images: Tensor) -> int:
     """Perturbed images per forward pass: :data:`DEFAULT_BATCH_SIZE`, on a CPU as many as
     hold about six 224 px images, or 24 where the process keeps freed memory (see
-    :func:`simexplain.engine.chunking.cpu_pixels_per_pass`)."""
+    :func:`simexplain.engine.chunking.cpu_items_per_pass`)."""
     if images.device.type != "cpu":
         return DEFAULT_BATCH_SIZE
-    pixels = max(1, images.shape[-2] * images.shape[-1])
-    if DEFAULT_BATCH_SIZE * pixels <= CPU_PIXELS_PER_PASS:
-        return DEFAULT_BATCH_SIZE
-    return max(1, min(DEFAULT_BATCH_SIZE, cpu_pixels_per_pass() // pixels))
+    return cpu_items_per_pass(images.shape[-2] * images.shape[-1], DEFAULT_BATCH_SIZE)
 
 
 def check_batch_size(batch_size: Any) -> Optional[int]:
