@@ -7,7 +7,7 @@ of ``bench_blackbox.py`` get channels-last tensors from NumPy images. This measu
 architecture, the forward over one batch of perturbed images as ``sbsm``/``rise`` run it
 (the batch size they choose on a CPU) in each layout, interleaved, and prints
 channels-last's time as a ratio to NCHW's (below 1: channels-last is faster). The ratios
-are what :mod:`simexplain.methods.blackbox.layout` relies on.
+are what :mod:`simexplain.engine.input_layout` relies on.
 
     python benchmarks/bench_layout.py                  # all models, about 1.5 min on 2 threads
     python benchmarks/bench_layout.py --models lite0 resnet50 --repeats 5

@@ -1,10 +1,11 @@
 """The engine: the mechanics every similarity map shares (torch only).
 
 It resolves the target layer, runs the single batched forward in which the trunk before
-the layer records no graph, takes the gradient with respect to the layer output only,
-combines activations and gradients as GradCAM does, reads token and channels-last
-layouts as ``(N, C, h, w)``, cuts large batches into chunks, checks inputs and leaves the
-model as it found it. A method supplies only a :class:`SimilarityScore`.
+the layer records no graph (convolutional networks on a CPU get channels-last images),
+takes the gradient with respect to the layer output only, combines activations and
+gradients as GradCAM does, reads token and channels-last layouts as ``(N, C, h, w)``,
+cuts large batches into chunks, checks inputs and leaves the model as it found it.
+A method supplies only a :class:`SimilarityScore`.
 """
 
 from . import (
@@ -33,6 +34,7 @@ from .outputs import *  # noqa: F403
 from .gradients import *  # noqa: F403
 from .tuples import *  # noqa: F403
 from .state import *  # noqa: F403
+from .input_layout import nchw_only
 
 __all__ = [
     *engine.__all__,
@@ -47,4 +49,5 @@ __all__ = [
     *gradients.__all__,
     *tuples.__all__,
     *state.__all__,
+    "nchw_only",
 ]

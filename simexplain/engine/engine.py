@@ -36,6 +36,7 @@ from .chunking import chunk_size_for
 from .embeddings import check_model, embedding_matrix, finite_embeddings, run_model
 from .gradients import batch_statistics_norms, layer_gradient, score_gradient
 from .head_split import HeadSplit
+from .input_layout import run_in_layout
 from .inputs import TensorOrTuple, as_forward_args, check_tuple_inputs, tuple_forward_args
 from .layouts import FeatureLayer, to_spatial
 from .maps import full_precision, gradcam_maps
@@ -301,9 +302,11 @@ class SimilarityEngine:
     ) -> tuple[Tensor, Tensor]:
         """One forward pass returning the layer's output and the embeddings ``(N, d)``.
 
-        With ``create_graph=False`` the trunk before the layer records no graph and the
-        activation is a fresh leaf; with ``True`` (training) it is the layer's real output,
-        so gradients reach every parameter. The model's mode is left as it is.
+        With ``create_graph=False`` the trunk before the layer records no graph, the
+        activation is a fresh leaf and the images go in the model's fastest layout
+        (:mod:`~simexplain.engine.input_layout`: channels-last for convolutional networks
+        on a CPU); with ``True`` (training) it is the layer's real output, so gradients
+        reach every parameter. The model's mode is left as it is.
         """
         captured: list[Tensor] = []
         calls = [0]
@@ -337,9 +340,16 @@ class SimilarityEngine:
         handles = [m.register_forward_hook(after_layer) for m in norms]
         handle = layer.module.register_forward_hook(hook)
         handles.append(handle)
+        def run(laid_out: Tensor) -> Any:
+            captured.clear()
+            calls[0] = 0
+            return run_model(self.model, laid_out, forward_args, self.output)
+
         try:
             with torch.set_grad_enabled(create_graph):
-                output = run_model(self.model, images, forward_args, self.output)
+                # Training keeps the images as given; maps take the model's fastest layout.
+                output = run(images) if create_graph else \
+                    run_in_layout(self.model, images, run)
                 if not captured:
                     raise LayerError(
                         f"layer {layer.name!r} was not called during the forward pass; "
@@ -353,9 +363,11 @@ class SimilarityEngine:
         return captured[0], embeddings
 
     def embed(self, images: Tensor, forward_args: tuple = ()) -> Tensor:
-        """Plain embeddings ``(N, d)`` of ``images``: no hook, the model's state restored."""
+        """Plain embeddings ``(N, d)`` of ``images``: no hook, the model's state restored,
+        the images in the model's layout (:mod:`~simexplain.engine.input_layout`)."""
         with preserved_state(self.model, eval_mode=self.eval_mode):
-            output = run_model(self.model, images, forward_args, self.output)
+            output = run_in_layout(self.model, images, lambda x: run_model(
+                self.model, x, forward_args, self.output))
             return embedding_matrix(output, images.shape[0])
 
     def spatial(self, tensor: Tensor, layer: FeatureLayer, image_hw: tuple[int, int]) -> Tensor:

@@ -18,8 +18,10 @@ from torch import Tensor, nn
 
 from ..errors import InputError
 from .engine import SimilarityEngine, TupleResult
+from .embeddings import run_model
 from .gradients import layer_gradient
 from .head_split import HeadSplit, SplitFallback, cached_split, head_embeddings, layer_leaf
+from .input_layout import run_in_layout
 from .layouts import FeatureLayer
 from .maps import full_precision
 from .outputs import OutputSpec
@@ -51,9 +53,9 @@ def run_trunk(
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
     """The raw embeddings ``(N, d)`` of ``images`` (picked by ``output``) and their
     crossing values, in one forward pass without gradients (eval mode; the model's state
-    restored)."""
+    restored), the images in the model's layout (:mod:`~simexplain.engine.input_layout`)."""
     with preserved_state(model, eval_mode=True), torch.no_grad():
-        value, crossing = split.trunk(images)
+        value, crossing = run_in_layout(model, images, lambda x: run_model(split.trunk, x))
         return head_embeddings(value, images.shape[0], output), tuple(crossing)
 
 

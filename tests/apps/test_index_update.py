@@ -201,6 +201,7 @@ def test_an_embeddings_only_index_explains_with_the_full_model(tmp_path, files):
     queries = files[:2]
     first, second = index.explain(queries, top_k=2), full.explain(queries, top_k=2)
     assert torch.equal(first.indices, second.indices)
-    torch.testing.assert_close(first.gallery_maps, second.gallery_maps, rtol=0, atol=1e-5)
+    # stored activations come back NCHW, fresh ones channels-last: float32 sums in another order
+    torch.testing.assert_close(first.gallery_maps, second.gallery_maps, rtol=2e-4, atol=1e-5)
     loaded = GalleryIndex.load(tmp_path / "index", conv_net())
     assert not loaded.splits and torch.equal(loaded.embeddings, index.embeddings)

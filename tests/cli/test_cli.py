@@ -24,6 +24,7 @@ from networks import conv_net
 from simexplain import explain
 from simexplain.apps.models import load_model
 from simexplain.cli import main
+from simexplain.engine import nchw_only
 from simexplain.methods import DEFAULT_METHOD
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -95,7 +96,8 @@ def test_explain_an_exported_program_end_to_end(tmp_path, images, capsys):
     assert err == ""
     with Image.open(out) as figure:
         assert figure.format == "PNG"
-    exp = explain(conv_net(), images[:3], transform=sized().transform)
+    with nchw_only():  # as the exported program runs
+        exp = explain(conv_net(), images[:3], transform=sized().transform)
     assert exp.layer == "act"
     expected = ", ".join(f"{r} {float(s):.3g}" for r, s in zip(exp.roles, exp.scores[0]))
     assert stdout.splitlines()[0] == f"triplet explained at layer 'act': scores {expected}"
@@ -183,7 +185,8 @@ def test_output_picks_the_embedding_on_every_command(tmp_path, images, retrieval
     code, stdout, err = run(capsys, "explain", *images[:3], *model, "--output", "embedding",
                             "--out", tmp_path / "fig.png", "--dpi", 30)
     assert code == 0, err
-    exp = explain(conv_net(), images[:3], transform=sized().transform)
+    with nchw_only():  # as the exported program runs
+        exp = explain(conv_net(), images[:3], transform=sized().transform)
     expected = ", ".join(f"{r} {float(s):.3g}" for r, s in zip(exp.roles, exp.scores[0]))
     assert stdout.splitlines()[0] == f"triplet explained at layer 'net.act': scores {expected}"
     code, _, err = run(capsys, "explain", *images[:3], *model, "--output", "1",

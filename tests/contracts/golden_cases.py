@@ -287,13 +287,19 @@ def _mining_term_cases(out: dict) -> None:
 
 def compute() -> dict[str, Tensor]:
     """Every golden value, computed by the code as it is now."""
+    from simexplain.engine import nchw_only
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # reductions in a fixed order
     out: dict[str, Tensor] = {}
     try:
-        for cases in (_attribution_cases, _explain_cases, _method_cases, _loss_cases,
-                      _application_cases, _metric_cases, _mining_term_cases, _default_cases):
-            cases(out)
+        # recorded with NCHW images; the channels-last layout only reorders float32 sums
+        # (tests/engine/test_input_layout.py)
+        with nchw_only():
+            for cases in (_attribution_cases, _explain_cases, _method_cases, _loss_cases,
+                          _application_cases, _metric_cases, _mining_term_cases,
+                          _default_cases):
+                cases(out)
     finally:
         torch.set_num_threads(threads)
     return {k: v.detach().cpu().contiguous().clone() for k, v in out.items()}

@@ -19,11 +19,11 @@ from torch import Tensor, nn
 from ..._progress import progress_bar
 from ...engine.chunking import cpu_items_per_pass
 from ...engine.embeddings import finite_embeddings, run_model
+from ...engine.input_layout import run_in_layout
 from ...engine.maps import full_precision
 from ...engine.outputs import OutputSpec
 from ...engine.state import frozen_norm_statistics, preserved_state
-from ...errors import InputError, ModelForwardError
-from .layout import fall_back_to_nchw, in_model_layout
+from ...errors import InputError
 from .masks import MaskSet
 
 __all__ = [
@@ -94,17 +94,10 @@ def model_session(model: Any, eval_mode: bool = True) -> Iterator[None]:
 def embedder(model: Any, output: OutputSpec = None) -> Callable[[Tensor], Tensor]:
     """``embed(images) -> (N, d)``: the model's embeddings, checked finite, in float32 or
     wider; a module on a CPU gets the images in the layout it runs fastest
-    (:mod:`~simexplain.methods.blackbox.layout`)."""
+    (:mod:`~simexplain.engine.input_layout`)."""
 
     def embed(images: Tensor) -> Tensor:
-        laid_out = in_model_layout(model, images)
-        try:
-            raw = run_model(model, laid_out, (), output)
-        except ModelForwardError:
-            if laid_out is images:
-                raise
-            raw = run_model(model, images, (), output)  # raises what NCHW raises
-            fall_back_to_nchw(model)
+        raw = run_in_layout(model, images, lambda x: run_model(model, x, (), output))
         return full_precision(finite_embeddings(raw, images.shape[0]))
 
     return embed

@@ -1,5 +1,5 @@
-"""The layout of the perturbed images a module gets: channels-last for convolutional
-networks on a CPU in float32, NCHW for the rest and for modules that fail on it."""
+"""The layout of the images a module gets: channels-last for convolutional networks on a
+CPU in float32, NCHW for the rest, for modules that fail on it and for training."""
 
 from __future__ import annotations
 
@@ -9,10 +9,13 @@ from torch import Tensor, nn
 
 from model_state import assert_unchanged, snapshot
 from networks import conv_net, small_net
-from simexplain import ModelForwardError, explain
+from pytorch_metric_learning import losses
+
+from simexplain import EmbeddingAttribution, ModelForwardError, explain
+from simexplain.training import SAMLoss
 from simexplain.methods import RISE, SBSM
-from simexplain.methods.blackbox import layout
-from simexplain.methods.blackbox.layout import prefers_channels_last
+from simexplain.engine import input_layout as layout
+from simexplain.engine.input_layout import prefers_channels_last
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -89,3 +92,56 @@ def test_a_model_that_fails_in_both_layouts_raises_its_error_and_keeps_its_verdi
                 method="sbsm", window=4)
     assert model.channels_last == [True, False]  # tried both, once
     assert prefers_channels_last(model, torch.zeros(1, 3, 8, 8))
+
+
+def gradient_maps(model: nn.Module) -> Tensor:
+    return torch.cat(EmbeddingAttribution(model, "trunk.3").attribute(pair(16)))
+
+
+def test_the_gradient_engine_gives_a_convolutional_module_channels_last_and_the_same_maps(
+        monkeypatch):
+    model = LayoutRecorder()
+    before = snapshot(model)
+    maps = gradient_maps(model)
+    assert model.channels_last[-1]  # the explained pass (the layer search runs NCHW)
+    assert_unchanged(model, before)
+    monkeypatch.setattr(layout, "prefers_channels_last", lambda model, images: False)
+    nchw_model = LayoutRecorder()
+    nchw_model.load_state_dict(model.state_dict())
+    nchw = gradient_maps(nchw_model)
+    assert not any(nchw_model.channels_last)
+    assert maps.abs().amax() > 0
+    torch.testing.assert_close(maps, nchw, rtol=1e-5, atol=1e-6)
+
+
+def test_the_gradient_engine_falls_back_to_nchw_for_a_module_that_views_its_input():
+    model = LayoutRecorder(views_input=True)
+    before = snapshot(model)
+    maps = gradient_maps(model)
+    tried = model.channels_last.index(True)
+    # the channels-last pass failed and ran again in NCHW, as every later one
+    assert not any(model.channels_last[tried + 1:])
+    assert not prefers_channels_last(model, torch.zeros(1, 3, 8, 8))
+    assert_unchanged(model, before)
+    plain = LayoutRecorder()
+    plain.load_state_dict(model.state_dict())
+    torch.testing.assert_close(maps, gradient_maps(plain), rtol=1e-5, atol=1e-6)
+
+
+def test_training_passes_keep_the_images_as_given():
+    model = LayoutRecorder()
+    criterion = SAMLoss(model, losses.TripletMarginLoss(), gamma=0.5, layer="trunk.3")
+    x = torch.rand(3, 4, 3, 12, 12, generator=torch.Generator().manual_seed(1))
+    criterion(tuple(x)).backward()
+    assert model.channels_last and not any(model.channels_last)
+
+
+def test_nchw_only_gives_every_model_its_images_as_given():
+    model = LayoutRecorder()
+    with layout.nchw_only():
+        assert not prefers_channels_last(model, torch.zeros(1, 3, 8, 8))
+        inside = gradient_maps(model)
+        SBSM(model, window=4).explain(pair(), relu=False)
+    assert not any(model.channels_last)
+    assert prefers_channels_last(model, torch.zeros(1, 3, 8, 8))  # the verdict is kept
+    torch.testing.assert_close(inside, gradient_maps(model), rtol=1e-5, atol=1e-6)
