@@ -3,13 +3,16 @@
 
 For each configuration (model, image size, triplets per step B) this measures one
 training step (forward, loss, backward, SGD update) on the same model and batch of 3B
-images, in five variants:
+images, in six variants:
 
   (a) ``plain``   ``SAMLoss(model, triplet loss, gamma=0)``: the metric loss alone, no
                   mining pass (what a baseline training step costs);
   (b) ``double``  the plain loss on the batch plus the same loss on a second forward of a
                   copy of the batch (BatchNorm statistics frozen for it): the practical floor
                   of mining, which needs a second forward and backward;
+  (b2) ``pixels`` the same with the copy's gradient taken down to its pixels: the floor of
+                  any step whose term trains through a mask on the images, as the paper's
+                  does (the backward then also crosses the frozen stem and blocks);
   (c) ``sam``     ``SAMLoss(..., gamma=0.25)``: differentiable maps, soft masks, the masked
                   forward and the mining term, all in the backward;
   (d) ``fixed``   the same with ``mining_gradient="embeddings"``: the maps choose the mask
@@ -19,12 +22,12 @@ images, in five variants:
                   maps (reported separately: it is not a masking step).
 
 The ratio c/a is the cost of mining (issue 24's aim for a masking step: at most 2.2); c/b
-shows what the maps cost on top of the unavoidable second pass, and c - d what the maps'
-own gradient costs: a double backward to the layer and, through the soft mask, a backward
-of the masked pass down to the pixels, i.e. the input gradient of the first convolution
-(and, with frozen stages, of every frozen block), which a plain step never needs; a
-profile (``--profile``) of (c) and (d) shows it as the extra ``convolution_backward``
-time.
+shows what the maps cost on top of the unavoidable second pass, c/b2 on top of a second
+pass whose gradient reaches the pixels, and c - d what the maps' own gradient costs: a
+double backward to the layer and, through the soft mask, a backward of the masked pass
+down to the pixels, i.e. the input gradient of the first convolution (and, with frozen
+stages, of every frozen block), which a plain step never needs; a profile
+(``--profile``) of (b2), (c) and (d) shows it as the extra ``convolution_backward`` calls.
 
 How it is measured (the approach and helpers of ``bench_explain.py``):
 
@@ -37,8 +40,9 @@ How it is measured (the approach and helpers of ``bench_explain.py``):
   On CUDA: ``max_memory_allocated`` above the allocation before the step.
 
 Writes ``benchmarks/results/bench_training.md`` (atomically) and prints every ratio. About
-3-5 minutes on 2 shared CPU cores with the defaults; ``--quick`` takes well under a minute.
-``--profile`` prints the top operators of one SAM step (torch.profiler).
+9 minutes on 2 shared CPU cores with the defaults and ``--profile``; ``--quick`` takes well
+under a minute. ``--profile`` prints the top operators of one pixels, sam and fixed step
+(torch.profiler).
 """
 
 from __future__ import annotations
@@ -76,7 +80,7 @@ from bench_explain import ROOT  # noqa: E402
 from simexplain.demo import SmallEmbeddingNet  # noqa: E402
 from simexplain.training import SAMLoss, frozen_norm_statistics  # noqa: E402
 
-VARIANTS = ("plain", "double", "sam", "fixed", "crop")
+VARIANTS = ("plain", "double", "pixels", "sam", "fixed", "crop")
 TARGET = 2.2
 # name: (description, image size, triplets per step, explained layer)
 CONFIGS = {
@@ -134,17 +138,18 @@ class Step:
             "crop": SAMLoss(self.model, triplet_loss, augmentation="crop", **mining),
         }
 
-    def _double_loss(self) -> Tensor:
+    def _double_loss(self, to_pixels: bool = False) -> Tensor:
         plain = self.criteria["plain"]
         first = plain(self.slots)
+        copy = tuple(s.clone().requires_grad_(to_pixels) for s in self.slots)
         with frozen_norm_statistics(self.model):
-            second = plain(tuple(s.clone() for s in self.slots))
+            second = plain(copy)
         return first + 0.25 * second
 
     def runner(self, variant: str) -> Callable[[], Any]:
         def run() -> Tensor:
-            if variant == "double":
-                loss = self._double_loss()
+            if variant in ("double", "pixels"):
+                loss = self._double_loss(to_pixels=variant == "pixels")
             else:
                 loss = self.criteria[variant](self.slots)
             self.optimiser.zero_grad(set_to_none=True)
@@ -210,6 +215,8 @@ def measure(name: str, args, device: torch.device) -> dict:
     t, m = row["time_s"], row["mem_mib"]
     row["ratios"] = {"time_sam_plain": ratio(t["sam"], t["plain"]),
                      "time_sam_double": ratio(t["sam"], t["double"]),
+                     "time_pixels_plain": ratio(t["pixels"], t["plain"]),
+                     "time_sam_pixels": ratio(t["sam"], t["pixels"]),
                      "time_double_plain": ratio(t["double"], t["plain"]),
                      "time_fixed_plain": ratio(t["fixed"], t["plain"]),
                      "time_crop_plain": ratio(t["crop"], t["plain"]),
@@ -217,7 +224,7 @@ def measure(name: str, args, device: torch.device) -> dict:
                      "mem_sam_plain": ratio(m.get("sam"), m.get("plain")),
                      "mem_double_plain": ratio(m.get("double"), m.get("plain"))}
     if args.profile:
-        for variant in ("sam", "fixed"):
+        for variant in ("pixels", "sam", "fixed"):
             profile_step(runners[variant], name, variant)
     return row
 
@@ -246,6 +253,8 @@ def report_line(row: dict) -> str:
             + f" | time sam/plain {verdict(r['time_sam_plain'])} (aim <= {TARGET})"
             + f", fixed/plain {verdict(r['time_fixed_plain'])}, crop/plain "
             + f"{fmt(r['time_crop_plain'])}, sam/double {fmt(r['time_sam_double'])}"
+            + f", pixels/plain {fmt(r['time_pixels_plain'])}, sam/pixels "
+            + f"{fmt(r['time_sam_pixels'])}"
             + " | peak MiB " + " ".join(f"{v} +{fmt(m.get(v), '.0f')}" for v in VARIANTS)
             + f", sam/plain {fmt(r['mem_sam_plain'])}")
 
@@ -262,7 +271,9 @@ def write_markdown(path: Path, rows: list[dict], args, meta: dict) -> None:
         "Step = forward, triplet margin loss on L2-normalised embeddings, backward, SGD update; "
         "random weights and images; B triplets = 3B images. (a) plain: `SAMLoss(gamma=0)`; "
         "(b) double: the plain loss plus a second forward of a copy of the batch (the floor "
-        "of mining); (c) sam: `SAMLoss(gamma=0.25)`; (d) fixed: the same with "
+        "of mining); (b2) pixels: the same with the copy's gradient taken to its pixels (the "
+        "floor of a step that trains through a mask on the images); (c) sam: "
+        "`SAMLoss(gamma=0.25)`; (d) fixed: the same with "
         "`mining_gradient=\"embeddings\"` (the mask held fixed, no gradient to the pixels); "
         "(e) crop: `SAMLoss(augmentation=\"crop\")`. (c - d)/a is what the maps' own "
         "gradient costs (a double backward to the layer, and the masked pass's backward down "
@@ -271,11 +282,11 @@ def write_markdown(path: Path, rows: list[dict], args, meta: dict) -> None:
         "baseline after setup, fresh process per variant, 2 steps (CUDA: "
         "`max_memory_allocated` above the allocation before the step).",
         "",
-        "| model | device | px | B | layer | (a) plain s | (b) double s | (c) sam s | (d) fixed s "
-        f"| (e) crop s | c/a (aim <= {TARGET}) | d/a (aim <= {TARGET}) | e/a | c/b | b/a | "
-        "(c-d)/a | mem (a) MiB | mem (b) | mem (c) | mem (d) | mem (e) | mem c/a | load |",
-        "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
-        "---:|---:|---:|---:|---:|",
+        "| model | device | px | B | layer | (a) plain s | (b) double s | (b2) pixels s "
+        f"| (c) sam s | (d) fixed s | (e) crop s | c/a (aim <= {TARGET}) | d/a (aim <= {TARGET}) "
+        "| e/a | b/a | b2/a | c/b | c/b2 | (c-d)/a | mem (a) MiB | mem (b) | mem (b2) | mem (c) "
+        "| mem (d) | mem (e) | mem c/a | load |",
+        "|---|---|---:|---:|---|" + "---:|" * 22,
     ]
     for row in rows:
         t, m, r = row["time_s"], row["mem_mib"], row["ratios"]
@@ -283,8 +294,9 @@ def write_markdown(path: Path, rows: list[dict], args, meta: dict) -> None:
             f"| {row['model']} | {row['device']} | {row['size']} | {row['batch']} | "
             f"`{row['layer']}` | " + " | ".join(fmt(t[v], ".3f") for v in VARIANTS)
             + f" | {verdict(r['time_sam_plain'])} | {verdict(r['time_fixed_plain'])} | "
-            f"{fmt(r['time_crop_plain'])} | {fmt(r['time_sam_double'])} "
-            f"| {fmt(r['time_double_plain'])} | {fmt(r['time_map_gradient_plain'])} | "
+            f"{fmt(r['time_crop_plain'])} | {fmt(r['time_double_plain'])} "
+            f"| {fmt(r['time_pixels_plain'])} | {fmt(r['time_sam_double'])} "
+            f"| {fmt(r['time_sam_pixels'])} | {fmt(r['time_map_gradient_plain'])} | "
             + " | ".join(fmt(m.get(v), ".0f") for v in VARIANTS)
             + f" | {fmt(r['mem_sam_plain'])} | {row['load']} |"
         )
