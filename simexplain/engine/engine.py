@@ -335,15 +335,15 @@ class SimilarityEngine:
             if captured:
                 self.couples_images = True
 
-        self.couples_images = bool(self.per_image_gradients)
-        norms = [] if self.per_image_gradients is not None else batch_statistics_norms(self.model)
-        handles = [m.register_forward_hook(after_layer) for m in norms]
-        handle = layer.module.register_forward_hook(hook)
-        handles.append(handle)
-        def run(laid_out: Tensor) -> Any:
+        def run(laid_out: Tensor) -> Any:  # a pass that failed channels-last leaves nothing
             captured.clear()
             calls[0] = 0
+            self.couples_images = bool(self.per_image_gradients)
             return run_model(self.model, laid_out, forward_args, self.output)
+
+        norms = [] if self.per_image_gradients is not None else batch_statistics_norms(self.model)
+        handles = [m.register_forward_hook(after_layer) for m in norms]
+        handles.append(layer.module.register_forward_hook(hook))
 
         try:
             with torch.set_grad_enabled(create_graph):
