@@ -8,8 +8,9 @@ and ResNet-50 0.86-0.92x NCHW's time; ConvNeXt-T 0.94-1.08x, ViT-S/16 0.94-1.01x
 0.97-0.99x, within the spread of their repeats: their weights sit in linear layers. So a
 module gets channels-last images when it runs on a CPU in float32 and holds more
 parameters in 2-d convolutions than in linear layers; every other model gets its images
-as they are. The gradient engine's forward (:meth:`~simexplain.engine.SimilarityEngine.forward`
-for maps, not for training) and the black-box runner both follow this rule. The layout changes
+as they are. Every pass that computes maps or embeddings follows this rule: the gradient
+engine's forward for maps (not for training) and ``embed``, the stored-activation trunk
+(:func:`~simexplain.engine.stored.run_trunk`) and the black-box runner. The layout changes
 no value the model computes, only the order of float32 sums in its kernels (the benchmark
 checks the embeddings agree, the tests that the maps do).
 

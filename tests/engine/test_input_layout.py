@@ -15,7 +15,9 @@ from simexplain import EmbeddingAttribution, ModelForwardError, explain
 from simexplain.training import SAMLoss
 from simexplain.methods import RISE, SBSM
 from simexplain.engine import input_layout as layout
+from simexplain.engine import SimilarityEngine
 from simexplain.engine.input_layout import prefers_channels_last
+from simexplain.engine.stored import head_split, run_trunk
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -145,3 +147,17 @@ def test_nchw_only_gives_every_model_its_images_as_given():
     assert not any(model.channels_last)
     assert prefers_channels_last(model, torch.zeros(1, 3, 8, 8))  # the verdict is kept
     torch.testing.assert_close(inside, gradient_maps(model), rtol=1e-5, atol=1e-6)
+
+
+def test_the_stored_activation_trunk_runs_channels_last_and_agrees_with_nchw():
+    model = conv_net()
+    images = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    _, split = head_split(SimilarityEngine(model, "act"), images)
+    embeddings, crossing = run_trunk(split, model, images)
+    assert crossing[0].is_contiguous(memory_format=torch.channels_last)
+    assert not crossing[0].is_contiguous()
+    with layout.nchw_only():
+        nchw_embeddings, nchw_crossing = run_trunk(split, model, images)
+    assert nchw_crossing[0].is_contiguous()
+    torch.testing.assert_close(crossing[0], nchw_crossing[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(embeddings, nchw_embeddings, rtol=1e-5, atol=1e-6)
