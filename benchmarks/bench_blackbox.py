@@ -214,6 +214,19 @@ def target(what: str, wanted: str, measured: str = "baseline skipped",
     return {"target": what, "measured": measured, "wanted": wanted, "met": met}
 
 
+def best_deletion_target(rows: dict, per_method: list[dict]) -> dict:
+    """The deletion target read as the peak target is: our black-box method with the lowest
+    deletion AUC against both baselines, met when its rows in ``per_method`` are."""
+    best = min(OURS, key=lambda name: rows[name]["deletion_auc"])
+    mine = [t for t in per_method if t["target"].startswith(f"deletion AUC: {best} vs ")]
+    met = None if any(t["met"] is None for t in mine) else all(t["met"] for t in mine)
+    measured = f"{rows[best]['deletion_auc']:.3f} vs " + ", ".join(
+        f"{rows[theirs]['deletion_auc']:.3f} ({theirs})" for theirs in (XAITK, DISTANCE)
+        if theirs in rows) if met is not None else "baseline skipped"
+    return target(f"deletion AUC: best black-box ({best}) vs both baselines, same forwards",
+                  "lower than both", measured, met)
+
+
 def targets(rows: dict, pooled: dict) -> list[dict]:
     """The issue's targets: what, measured, wanted and met."""
     out = []
@@ -227,6 +240,7 @@ def targets(rows: dict, pooled: dict) -> list[dict]:
             out.append(target(what, "lower", f"{rows[ours]['deletion_auc']:.3f} vs "
                               f"{rows[theirs]['deletion_auc']:.3f} (Δ {mean:+.3f} ± "
                               f"{error:.3f}, lower on {lower:.0%} of pairs)", mean < 0))
+    out.append(best_deletion_target(rows, out))
     for ours in OURS:
         what = f"wall time per map: {ours} vs {XAITK}"
         if XAITK not in rows:

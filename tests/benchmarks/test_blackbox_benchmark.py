@@ -3,12 +3,15 @@ pretrained backbone (its tables and JSON; the figures are not checked: timings o
 machines are noise)."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from pretrained_inputs import needs_pretrained
 
 from simexplain.methods import DEFAULT_METHOD
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 def test_top_iou_and_spearman_of_maps():
@@ -21,6 +24,24 @@ def test_top_iou_and_spearman_of_maps():
     assert bench_blackbox.spearman(a, -a).item() == pytest.approx(-1.0)
     assert bench_blackbox.ranks(torch.tensor([[3.0, 1.0, 3.0, 2.0]])).tolist() == \
         [[3.5, 1.0, 3.5, 2.0]]
+
+
+def test_the_best_deletion_target_is_met_only_when_the_best_method_beats_both(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import bench_blackbox as bench
+
+    rows = {"sbsm": {"deletion_auc": 0.26}, "rise": {"deletion_auc": 0.23},
+            bench.XAITK: {"deletion_auc": 0.25}, bench.DISTANCE: {"deletion_auc": 0.24}}
+    per_method = [bench.target(f"deletion AUC: {ours} vs {theirs}, same forwards", "lower",
+                               "-", ours == "rise" and theirs == bench.XAITK)
+                  for theirs in (bench.XAITK, bench.DISTANCE) for ours in bench.OURS]
+    best = bench.best_deletion_target(rows, per_method)
+    assert "(rise)" in best["target"] and best["met"] is False  # rise misses Distance
+    per_method[3]["met"] = True                                  # rise vs Distance
+    best = bench.best_deletion_target(rows, per_method)
+    assert best["met"] is True and best["measured"].startswith("0.230 vs 0.250")
+    per_method[1]["met"] = None                                  # a baseline skipped
+    assert bench.best_deletion_target(rows, per_method)["met"] is None
 
 
 @pytest.mark.slow
@@ -51,7 +72,13 @@ def test_quick_run_writes_every_method_at_the_same_forwards(tmp_path):
             low, high = row["seconds_spread"]  # the median of the interleaved timing runs
             assert low <= row["seconds_per_map"] <= high, name
             assert -1 <= row["deletion_auc"] <= 1 and -1 <= row["insertion_auc"] <= 1, name
-    assert len(result["targets"]) == 7
+    assert len(result["targets"]) == 8
     assert all(t["met"] in (True, False, None) for t in result["targets"])
+    (best,) = [t for t in result["targets"] if t["target"].startswith("deletion AUC: best")]
+    name = min(("sbsm", "rise"), key=lambda n: methods[n]["deletion_auc"])
+    theirs = [t["met"] for t in result["targets"]
+              if t["target"].startswith(f"deletion AUC: {name} vs ")]
+    assert f"({name})" in best["target"]
+    assert best["met"] == (None if None in theirs else all(theirs))
     assert f"sbsm ~ {DEFAULT_METHOD}" in result["agreement"] or \
         f"{DEFAULT_METHOD} ~ sbsm" in result["agreement"]
