@@ -134,8 +134,8 @@ def write_markdown(path: Path, rows: list[dict], args, meta: dict) -> None:
             "Peak RSS above the process baseline (MiB):",
             "",
             "| model | B | (a) forward | (b) simexplain | (c) grad-cam | (d) captum "
-            "| b/a | c/b | d/b | hwm reset |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+            "| b/a | c/b | d/b | hwm reset | measured |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
         ]
         for row in cpu_rows:
             m, r = row["mem_mib"], row["ratios"]
@@ -146,7 +146,8 @@ def write_markdown(path: Path, rows: list[dict], args, meta: dict) -> None:
                 + " | ".join(fmt(m.get(v), ".0f", "skipped") for v in VARIANTS)
                 + f" | {mark(r['mem_b_a'], TARGETS['mem_b_a'], True)}"
                 + f" | {fmt(r['mem_c_b'])} | {fmt(r['mem_d_b'])}"
-                + f" | {'yes' if resets == {True} else 'no (baseline = ru_maxrss after setup)'} |"
+                + f" | {'yes' if resets == {True} else 'no (baseline = ru_maxrss after setup)'}"
+                + f" | {row.get('memory_measured', row.get('measured', '-'))} |"
             )
     if cuda_rows:
         lines += [

@@ -85,7 +85,8 @@ Usage::
 repetition) to the same name with ``.json``; both are rewritten atomically after every row.
 ``--update`` re-measures some rows of an existing table (e.g. ``--models vit_small
 --update`` after a noisy run) and keeps the others; each row records when it was measured
-and the load average then.
+and the load average then. A row re-timed with ``--no-memory`` keeps the memory figures it
+had, with their own date.
 
 Runtime on 2 CPU cores (torch 2.14.1): ``--quick`` about 3 minutes; the full default run
 (four models, nine repetitions at every batch size) well over an hour, most of it in
@@ -647,6 +648,8 @@ def measure_all(args, devices: list, rows: list[dict], meta: dict, run_info: dic
         key = (row["model"], row["batch"], row["device"])
         for i, old in enumerate(rows):
             if (old["model"], old["batch"], old["device"]) == key:
+                if not row["mem_mib"] and old.get("mem_mib"):
+                    keep_memory(row, old)
                 rows[i] = row
                 return
         rows.append(row)
@@ -671,6 +674,15 @@ def measure_all(args, devices: list, rows: list[dict], meta: dict, run_info: dic
                 write_markdown(args.out, rows, args, meta)
             del model
             gc.collect()
+
+
+def keep_memory(row: dict, old: dict) -> None:
+    """Carry ``old``'s memory figures into ``row``, re-timed with ``--no-memory``: time and
+    memory are measured separately, so a re-timed row keeps the memory it had, with the
+    date it was measured (``memory_measured``)."""
+    row["mem_mib"], row["mem_info"] = old["mem_mib"], old.get("mem_info", {})
+    row["ratios"].update({k: v for k, v in old["ratios"].items() if k.startswith("mem_")})
+    row["memory_measured"] = old.get("memory_measured", old.get("measured"))
 
 
 if __name__ == "__main__":

@@ -138,6 +138,18 @@ def test_bench_explain_quick_writes_all_four_variants(benchmarks, tmp_path):
     assert (raw["allocator"], raw["processes"]) == ("retain", False)
     assert "glibc keeping freed memory" in text
 
+    # re-timed without memory, the row keeps the memory it had, dated
+    raw["measured"] = "2000-01-01 00:00"
+    out.with_suffix(".json").write_text(json.dumps(
+        {**json.loads(out.with_suffix(".json").read_text()), "rows": [raw]}))
+    assert bench.main(argv + ["--update", "--no-memory", "--no-check"]) == 0
+    (again,) = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert again["mem_mib"] == raw["mem_mib"] and again["mem_mib"]["simexplain"] > 0
+    assert again["ratios"]["mem_b_a"] == raw["ratios"]["mem_b_a"]
+    assert again["memory_measured"] == "2000-01-01 00:00" != again["measured"]
+    memory_row = table_rows(out.read_text(), "resnet50")[1]
+    assert memory_row[1] == "1" and memory_row[-1] == "2000-01-01 00:00"
+
 
 @pytest.mark.slow
 def test_bench_explain_times_each_variant_in_its_own_process(benchmarks, tmp_path):
