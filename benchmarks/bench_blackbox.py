@@ -220,11 +220,11 @@ def best_deletion_target(rows: dict, per_method: list[dict]) -> dict:
     best = min(OURS, key=lambda name: rows[name]["deletion_auc"])
     mine = [t for t in per_method if t["target"].startswith(f"deletion AUC: {best} vs ")]
     met = None if any(t["met"] is None for t in mine) else all(t["met"] for t in mine)
-    measured = f"{rows[best]['deletion_auc']:.3f} vs " + ", ".join(
-        f"{rows[theirs]['deletion_auc']:.3f} ({theirs})" for theirs in (XAITK, DISTANCE)
-        if theirs in rows) if met is not None else "baseline skipped"
-    return target(f"deletion AUC: best black-box ({best}) vs both baselines, same forwards",
-                  "lower than both", measured, met)
+    what = f"deletion AUC: best black-box ({best}) vs both baselines, same forwards"
+    if met is None:
+        return target(what, "lower than both")
+    theirs = ", ".join(f"{rows[name]['deletion_auc']:.3f} ({name})" for name in (XAITK, DISTANCE))
+    return target(what, "lower than both", f"{rows[best]['deletion_auc']:.3f} vs {theirs}", met)
 
 
 def targets(rows: dict, pooled: dict) -> list[dict]:
