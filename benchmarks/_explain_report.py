@@ -173,8 +173,10 @@ def write_markdown(path: Path, rows: list[dict], args, meta: dict) -> None:
         lines += ["", "CUDA: not available on this machine, skipped."]
     checks = [(r["model"], r["check"]) for r in rows if "check" in r]
     if checks:
-        lines += ["", "Equivalence check (batch of the first configuration, not timed; the "
-                  "run stops if a peer's raw maps differ by more than the tolerance):", ""]
+        lines += ["", "Equivalence check (batch of the first configuration, not timed, after "
+                  "simexplain has settled, so a split model is checked through the path its "
+                  "timed calls take; the run stops if a peer's raw maps differ by more than "
+                  "the tolerance):", ""]
         for model_name, check in checks:
             if "captum_max_rel_diff" in check:  # a row from before the check named its method
                 cap = check["captum_max_rel_diff"]

@@ -471,6 +471,7 @@ def run_config(model_name: str, model: nn.Module, batch: int, args, device, firs
     row["chunk_size"] = default_chunk_size(setup.slots, batch)
     if first and args.check:
         row["check"] = {}
+        setup.settle()  # check the maps the timed calls compute (a split model's, once split)
         for method in CHECKED_METHODS:  # raises EquivalenceError on a disagreement
             row["check"][method] = check_equivalence(setup.with_method(method))
             print(f"  check {check_text(method, row['check'][method])}", flush=True)

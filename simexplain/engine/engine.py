@@ -8,8 +8,11 @@ and notes/speed.md):
    mix up activations);
 2. nothing before the target layer records an autograd graph: the forward runs under
    ``no_grad`` and the layer's hook switches grad mode on and replaces the output by a
-   fresh leaf, so memory stays near inference. A class-token transformer's last block
-   runs only what reaches the embedding (:mod:`~simexplain.engine._head_only`);
+   fresh leaf, so memory stays near inference. Once a model has explained enough images
+   it may be split at the layer (:mod:`~simexplain.engine._head_only`): a class-token
+   transformer's last block then runs only what reaches the embedding, and on a CPU a
+   network built mostly of linear layers runs the part before the layer with oneDNN's
+   linear kernels;
 3. the method's :class:`~simexplain.engine.score.SimilarityScore` turns the chunk's
    embeddings into one score per image, and ``torch.autograd.grad`` takes its gradient
    with respect to the layer output only: parameters' ``.grad`` are never touched;
@@ -31,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import LayerError
-from ._head_only import forward_narrowed, narrowed_split
+from ._head_only import forward_split, split_for_maps
 from .chunking import chunk_size_for
 from .embeddings import check_model, embedding_matrix, finite_embeddings, run_model
 from .gradients import batch_statistics_norms, layer_gradient, score_gradient
@@ -204,7 +207,7 @@ class SimilarityEngine:
                 slots[0][:2], tuple_forward_args(args, batch, 0, min(2, batch), 1)
             )
             split = None if coupled or create_graph or args or not self.eval_mode else \
-                narrowed_split(self.model, layer, slots[0], self.output, batch * count)
+                split_for_maps(self.model, layer, slots[0], self.output, batch * count)
             parts = []
             for start in range(0, batch, chunk):
                 stop = min(start + chunk, batch)
@@ -232,10 +235,11 @@ class SimilarityEngine:
         split: Optional[HeadSplit] = None,
     ) -> tuple[Tensor, Tensor, Optional[Tensor], Tensor]:
         images = torch.cat(slots)
-        narrowed = None if split is None else forward_narrowed(split, images, self.output)
-        if narrowed is not None:
-            self.couples_images = False  # only uncoupled images take the narrowed head
-        activation, embeddings = narrowed or self.forward(images, layer, args, create_graph)
+        through_split = None if split is None else forward_split(split, images, self.output)
+        if through_split is not None:
+            self.couples_images = False  # only uncoupled images take the split path
+        activation, embeddings = through_split or \
+            self.forward(images, layer, args, create_graph)
         return self.maps_of(activation, embeddings, len(slots), score, layer,
                             (images.shape[-2], images.shape[-1]), relu, create_graph)
 

@@ -11,7 +11,8 @@ the block. Storing the crossing values of an image and running the head on them 
 its embedding and, by autograd through the head, the layer gradient: a map without the
 trunk. The *prefix*, the part of the graph that computes the crossing values and nothing
 more, lets the engine explain fresh images through a narrowed head
-(:mod:`~simexplain.engine.token_narrowing`).
+(:mod:`~simexplain.engine.token_narrowing`) and, on a CPU, with oneDNN's linear kernels
+in place of the model's linear layers (:mod:`~simexplain.engine._fused_kernels`).
 
 The split is one general mechanism, not per-family code, and it is checked numerically
 on a probe batch. A model that cannot be traced, or whose cut is crossed by something
@@ -21,8 +22,6 @@ that is not a per-image tensor (e.g. a size read from the input), gets a
 
 from __future__ import annotations
 
-import inspect
-import sys
 import weakref
 from dataclasses import dataclass
 from typing import Any, Optional, Union
@@ -30,6 +29,8 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, fx, nn
 
+from ._fused_kernels import FusedGraph, fuse_linear_activations
+from ._tracing import trace, traced
 from .embeddings import embedding_matrix as read_embeddings, finite_embeddings
 from .layouts import FeatureLayer
 from .outputs import OutputSpec, select_output
@@ -59,6 +60,14 @@ class HeadSplit:
             (:mod:`~simexplain.engine.token_narrowing`).
         prefix: ``images -> crossing``: the model up to the cut and no further (``None``
             when it did not reproduce the trunk's crossing values on the probe).
+        fused_prefix: the prefix with oneDNN's linear kernels for its linear layers, the
+            activations after them fused in (:mod:`~simexplain.engine._fused_kernels`),
+            for float32 CPU images without a graph; ``None`` when it has no linear layer,
+            the probe was not float32 on a CPU, or it did not reproduce the crossing
+            values on the probe.
+        inlined: the model's modules whose code the prefix and the head run inline
+            rather than as module calls (the model itself among them): a forward hook on
+            one of them would not fire on that path.
     """
 
     trunk: fx.GraphModule
@@ -67,10 +76,13 @@ class HeadSplit:
     activation_index: int
     narrowed: bool = False
     prefix: Optional[fx.GraphModule] = None
+    fused_prefix: Optional[FusedGraph] = None
+    inlined: tuple[nn.Module, ...] = ()
 
     def __repr__(self) -> str:
         return (f"HeadSplit(crossing={self.names}, activation_index={self.activation_index}"
-                f"{', narrowed' if self.narrowed else ''})")
+                f"{', narrowed' if self.narrowed else ''}"
+                f"{', fused' if self.fused_prefix is not None else ''})")
 
 
 @dataclass
@@ -109,7 +121,7 @@ def split_at_layer(
 
     with preserved_state(model, eval_mode=True), torch.no_grad():
         try:
-            graph, path = _trace(model, layer.module)
+            graph, path = trace(model, layer.module)
         except Exception as error:  # fx raises many kinds for untraceable code
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
             return SplitFallback(
@@ -125,8 +137,10 @@ def split_at_layer(
         split, crossing = checked
         prefix = prefix if _same_crossing(prefix, probe, crossing) else None
         narrowed = narrow_head(split.head, crossing, split.activation_index)
-        return HeadSplit(trunk, head if narrowed is None else narrowed, names, index,
-                         narrowed=narrowed is not None, prefix=prefix)
+        head = head if narrowed is None else narrowed
+        return HeadSplit(trunk, head, names, index, narrowed=narrowed is not None,
+                         prefix=prefix, fused_prefix=_fused(prefix, probe, crossing),
+                         inlined=_inlined(model, prefix, head))
 
 
 def cached_split(
@@ -170,46 +184,6 @@ def layer_leaf(split: HeadSplit, values: list[Tensor]) -> Tensor:
 def head_embeddings(value: Any, count: int, output: OutputSpec = None) -> Tensor:
     """The finite embeddings ``(count, d)`` in what the head (or trunk) returned."""
     return finite_embeddings(select_output(value, output, count), count)
-
-
-def _trace(model: nn.Module, layer_module: nn.Module) -> tuple[fx.Graph, str]:
-    leaf_types, functions = _timm_notrace()
-
-    class Tracer(fx.Tracer):
-        def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-            return (
-                module is layer_module
-                or isinstance(module, leaf_types)
-                or super().is_leaf_module(module, qualified_name)
-            )
-
-    tracer = Tracer(autowrap_functions=functions)
-    graph = tracer.trace(model, concrete_args=_defaults_after_images(model))
-    return graph, tracer.path_of_module(layer_module)
-
-
-def _defaults_after_images(model: nn.Module) -> dict[str, Any]:
-    """The forward's optional arguments after the images, traced at their defaults (an
-    ``attn_mask=None`` traced as an input would send ``if attn_mask is None`` down the
-    other branch)."""
-    parameters = list(inspect.signature(model.forward).parameters.values())[1:]
-    return {
-        p.name: p.default for p in parameters
-        if p.default is not inspect.Parameter.empty
-        and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-    }
-
-
-def _timm_notrace() -> tuple[tuple[type, ...], tuple[Any, ...]]:
-    """The modules and functions timm registers as not traceable by fx (kept as calls).
-
-    Read only when timm is already imported (a timm model has imported it; any other
-    model has none of its modules), so the engine stays torch-only."""
-    registry = sys.modules.get("timm.layers")
-    if registry is None:
-        return (), ()
-    functions = tuple(f for f in registry.get_notrace_functions() if callable(f))
-    return tuple(registry.get_notrace_modules()), functions
 
 
 def _cut(
@@ -364,6 +338,33 @@ def _same_crossing(
     return len(values) == len(crossing) and all(
         isinstance(v, Tensor) and v.shape == c.shape and _close(v, c)
         for v, c in zip(values, crossing))
+
+
+def _fused(
+    prefix: Optional[fx.GraphModule], probe: Tensor, crossing: tuple[Tensor, ...]
+) -> Optional[FusedGraph]:
+    """The prefix with oneDNN's linear kernels, for a float32 CPU probe, if it has linear
+    layers and gives the crossing values on the probe."""
+    if prefix is None or probe.device.type != "cpu" or probe.dtype != torch.float32:
+        return None
+    fused = fuse_linear_activations(prefix, traced)
+    if fused is None or not fused.usable(probe) or \
+            not _same_crossing(fused.module, probe, crossing):
+        return None
+    return fused
+
+
+def _inlined(model: nn.Module, *graphs: Optional[fx.GraphModule]) -> tuple[nn.Module, ...]:
+    """The modules of ``model`` whose ``forward`` the tracer stepped into for ``graphs``
+    (the model itself among them): their code runs inline, not as a module call."""
+    paths, called = {""}, set()
+    for graph_module in graphs:
+        for node in () if graph_module is None else graph_module.graph.nodes:
+            paths.update(path for path, _ in (node.meta.get("nn_module_stack") or {}).values())
+            if node.op == "call_module":
+                called.add(node.target)
+    modules = dict(model.named_modules())
+    return tuple(modules[path] for path in sorted(paths - called) if path in modules)
 
 
 def _close(a: Tensor, b: Tensor) -> bool:

@@ -31,8 +31,8 @@ from torch import Tensor, nn
 
 from ..errors import ModelForwardError
 
-__all__ = ["prefers_channels_last", "fall_back_to_nchw", "in_model_layout", "run_in_layout",
-           "nchw_only"]
+__all__ = ["prefers_channels_last", "mostly_linear", "fall_back_to_nchw", "in_model_layout",
+           "run_in_layout", "nchw_only"]
 
 _PREFERS: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
 _NCHW_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("nchw_only", default=False)
@@ -43,6 +43,13 @@ T = TypeVar("T")
 def _parameter_count(model: nn.Module, kind: type) -> int:
     return sum(p.numel() for m in model.modules() if isinstance(m, kind)
                for p in m.parameters(recurse=False))
+
+
+def mostly_linear(model: nn.Module) -> bool:
+    """Whether ``model`` holds at least as many parameters in linear layers as in 2-d
+    convolutions, and some in linear layers (a transformer, a ConvNeXt)."""
+    linear = _parameter_count(model, nn.Linear)
+    return linear > 0 and linear >= _parameter_count(model, nn.Conv2d)
 
 
 def prefers_channels_last(model: Any, images: Tensor) -> bool:

@@ -22,7 +22,7 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 def benchmarks(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     yield
-    for name in ("bench_explain", "bench_chunking", "bench_allocator"):
+    for name in ("bench_explain", "bench_chunking", "bench_allocator", "bench_linear_kernels"):
         sys.modules.pop(name, None)
 
 
@@ -149,6 +149,24 @@ def test_bench_explain_quick_writes_all_four_variants(benchmarks, tmp_path):
     assert again["memory_measured"] == "2000-01-01 00:00" != again["measured"]
     memory_row = table_rows(out.read_text(), "resnet50")[1]
     assert memory_row[1] == "1" and memory_row[-1] == "2000-01-01 00:00"
+
+
+@pytest.mark.slow
+def test_bench_linear_kernels_times_the_model_its_prefix_and_the_kernels(benchmarks,
+                                                                          tmp_path):
+    from simexplain.engine._fused_kernels import fused_kernels_available
+
+    if not fused_kernels_available():
+        pytest.skip("no oneDNN linear kernel in this PyTorch build")
+    bench = importlib.import_module("bench_linear_kernels")
+    out = tmp_path / "kernels.md"
+    assert bench.main(["--models", "convnext_tiny", "--images", "2", "--repeats", "1",
+                       "--size", "64", "--out", str(out)]) == 0
+    (row,) = table_rows(out.read_text(), "convnext_tiny")
+    assert row[1:4] == ["`stages`", "2", "36 / 18"]  # fc1 + GELU and fc2 in 18 blocks
+    assert float(row[-1]) < 1e-4
+    (raw,) = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert min(raw["forward_s"], raw["prefix_s"], raw["kernels_s"]) > 0
 
 
 @pytest.mark.slow

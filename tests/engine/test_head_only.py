@@ -109,6 +109,27 @@ def test_hooks_on_the_model_itself_take_the_hooked_forward():
     assert _token_counts(model) == {1}
 
 
+def test_a_hook_on_a_module_the_split_runs_inline_takes_the_hooked_forward():
+    # fx runs a block's code inline in the prefix, so a hook on the block would not fire
+    model = tiny_vit(img_size=SIZE)
+    engine = SimilarityEngine(model)
+    slots = _triplets()
+    plain = engine.attribute(slots, SAMScore())  # splits the model
+    seen = []
+    handle = model.blocks[0].register_forward_hook(
+        lambda module, args, out: seen.append(1) or out * 0.5)
+    try:
+        with _TokenCount(model) as count:
+            hooked_block = engine.attribute(slots, SAMScore())
+        reference = hooked_attribute(engine, slots, SAMScore())
+    finally:
+        handle.remove()
+    assert seen and count.seen == [17]
+    torch.testing.assert_close(hooked_block.maps, reference.maps)
+    assert not torch.allclose(hooked_block.maps, plain.maps)
+    assert _token_counts(model) == {1}  # the hook removed, the split path again
+
+
 def test_a_replaced_submodule_is_followed():
     model = tiny_vit(img_size=SIZE)
     engine = SimilarityEngine(model)
