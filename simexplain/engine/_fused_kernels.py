@@ -117,6 +117,8 @@ def fuse_linear_activations(
                 linear_layers += fused.linear_layers
                 activations += fused.activations
             continue
+        if len(node.args) != 1 or node.kwargs:  # called as ``fc(input=x)``: keep the call
+            continue
         user = next(iter(node.users)) if len(node.users) == 1 else None
         found = None if user is None else _activation(user, modules)
         attr, algorithm, activation_module = found or ("none", "", None)

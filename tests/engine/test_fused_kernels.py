@@ -91,6 +91,18 @@ def test_an_output_read_twice_keeps_its_activation_apart():
     _assert_same_function(fused, block, torch.randn(3, 8))
 
 
+def test_a_linear_layer_called_with_a_keyword_stays_a_call():
+    class Keyword(Block):
+        def forward(self, x: Tensor) -> Tensor:
+            return self.fc2(self.act(self.fc1(input=x)))
+
+    block = Keyword(nn.GELU())
+    fused = _fused(block)
+    assert (fused.linear_layers, fused.activations) == (1, 0)
+    assert fused.replaced == (block.fc2,)
+    _assert_same_function(fused, block, torch.randn(3, 8))
+
+
 def test_a_linear_subclass_runs_its_own_forward():
     class Doubled(nn.Linear):
         def forward(self, x: Tensor) -> Tensor:
