@@ -3,14 +3,15 @@
 Most of a transformer's or a ConvNeXt's CPU forward is its linear layers (two thirds of
 a ConvNeXt-T or Swin-T forward is ``addmm``, torch profile, 24 images at 224 px, 2
 threads), and their activations write each product to memory and read it back (14% of a
-ConvNeXt-T forward is its GELU). PyTorch's oneDNN backend ships a linear kernel that was
-0.73-0.93x ``addmm``'s time on those networks' shapes, and that applies a ReLU, SiLU or
-GELU to each block of the product while it is still in cache
+ConvNeXt-T forward is its GELU). PyTorch's oneDNN backend ships a linear kernel that took
+0.73-0.93x ``addmm``'s time on six of those networks' layer shapes (one-off timing), and
+that applies a ReLU, SiLU or GELU to each block of the product while it is still in cache
 (``torch.ops.mkldnn._linear_pointwise``, the kernel TorchInductor's CPU backend emits).
 Rewriting the traced model up to the explained layer (a
 :class:`~simexplain.engine.head_split.HeadSplit`'s prefix) to call it made maps of
-ConvNeXt-T, Swin-T and ViT-S/16 cost 0.88-0.93x the model's own forward on a CPU, at 1
-and 8 triplets, the maps equal to float32 rounding (``docs/performance.rst``).
+ConvNeXt-T, Swin-T and ViT-S/16 cost 0.88-0.95x the model's own forward on a CPU, at 1, 8
+and 32 triplets, the maps equal to float32 rounding (``benchmarks/results/bench_explain.md``,
+``benchmarks/results/bench_linear_kernels.md``, ``docs/performance.rst``).
 
 Only what is certain to compute the same function is rewritten: a ``torch.nn.Linear``
 (that exact class, so a subclass's own ``forward`` is never skipped), and a ReLU, SiLU or
